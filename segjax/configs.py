@@ -1,0 +1,118 @@
+"""Config defaults shared by the experiment files, variant parsing, and validation.
+
+Every experiment's `get_config(arg)` starts from `base_config()` and sets the model; the
+`arg` after the colon on the command line (`experiments/unet.py:depth=4,features=32`) is
+parsed by `parse_arg` against the variants the file declares.
+"""
+import ast
+
+import jax
+import ml_collections
+
+from segjax import data as data_lib
+from segjax import models as models_lib
+from segjax import optim
+from segjax.errors import ConfigError
+
+
+def base_config():
+  """Fields every experiment has; defaults train on the embedded shapes dataset."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 4000
+  config.batch_size = 16  # global, over all devices and processes
+  config.eval_batch_size = 50
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
+  config.log_every = 100
+  config.max_to_keep = 2
+
+  config.model = ml_collections.ConfigDict({'name': ''})
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'shapes'
+  config.dataset.data_dir = ''  # '' -> ~/.cache/segjax/tensorflow_datasets
+  config.dataset.image_size = 32  # training crop side (and the shapes' image side), pixels
+  config.dataset.num_train = 4000  # shapes only: examples generated per split
+  config.dataset.num_validation = 500
+  config.dataset.generator_seed = 0
+  config.dataset.min_scale = 0.75  # random rescale range of training images
+  config.dataset.max_scale = 1.5
+  config.dataset.flip = True
+  config.dataset.mean = (0.5, 0.5, 0.5)  # per-channel, of images scaled to [0, 1]
+  config.dataset.std = (0.25, 0.25, 0.25)
+  config.dataset.num_threads = 2  # grain reader threads
+  config.dataset.check_label_batches = 4  # first batches whose labels are validated
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'adam'
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.momentum = 0.9  # sgd
+  config.optimizer.nesterov = False  # sgd
+  config.optimizer.b1 = 0.9  # adam, adamw
+  config.optimizer.b2 = 0.999
+  config.schedule = 'cosine'
+  config.warmup_steps = 100
+  config.poly_power = 0.9
+  config.weight_decay = 0.0
+  config.grad_clip_norm = 0.0  # 0 disables clipping
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.class_weights = ()  # empty: unweighted; else one weight per class
+  return config
+
+
+def parse_arg(arg, **defaults):
+  """'k1=v1,k2=v2' -> ConfigDict of `defaults` updated by the given values.
+
+  Values are Python literals where they parse as one (numbers, tuples, booleans) and
+  strings otherwise. Keys not in `defaults` are refused with the valid ones listed.
+  """
+  variant = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, text = item.partition('=')
+    if not sep or key not in defaults:
+      raise ConfigError(f'bad config argument {item!r}: expected key=value with key in '
+                        f'{sorted(defaults)}')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    variant[key] = value
+  return variant
+
+
+def _require(condition, message):
+  if not condition:
+    raise ConfigError(message)
+
+
+def validate(config):
+  """Refuses unknown names and impossible values before anything is built or compiled."""
+  models_lib.get_model(config.model, num_classes=2)  # name and fields
+  spec = data_lib.get_spec(config.dataset.name)
+  _require(config.optimizer.name in optim.OPTIMIZERS,
+           f'unknown optimizer.name {config.optimizer.name!r}; valid: '
+           f'{", ".join(optim.OPTIMIZERS)}')
+  _require(config.schedule in optim.SCHEDULES,
+           f'unknown schedule {config.schedule!r}; valid: {", ".join(optim.SCHEDULES)}')
+  for field in ('total_steps', 'batch_size', 'eval_batch_size', 'eval_every',
+                'checkpoint_every', 'log_every', 'max_to_keep'):
+    _require(int(config[field]) > 0, f'{field} must be positive, got {config[field]}')
+  _require(config.dataset.image_size > 0, 'dataset.image_size must be positive')
+  _require(0 < config.dataset.min_scale <= config.dataset.max_scale,
+           'need 0 < dataset.min_scale <= dataset.max_scale')
+  _require(config.optimizer.learning_rate > 0, 'optimizer.learning_rate must be positive')
+  _require(0 <= config.warmup_steps < config.total_steps,
+           f'warmup_steps ({config.warmup_steps}) must be in [0, total_steps)')
+  _require(len(config.dataset.mean) == len(config.dataset.std),
+           'dataset.mean and dataset.std need one value per input channel')
+  weights = config.loss.class_weights
+  _require(not weights or len(weights) == spec.num_classes,
+           f'loss.class_weights has {len(weights)} values; dataset {spec.name!r} has '
+           f'{spec.num_classes} classes')
+  devices = jax.device_count()
+  for field in ('batch_size', 'eval_batch_size'):
+    _require(config[field] % devices == 0,
+             f'{field}={config[field]} is not divisible by the {devices} devices; '
+             f'use a multiple of {devices}')

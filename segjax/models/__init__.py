@@ -1,0 +1,32 @@
+"""Models by module name: `config.model.name = 'unet'` -> `segjax.models.unet.Model`.
+
+Every model module exposes a `flax.linen` `Model` whose `__call__(images, *, train)` maps
+images [B, H, W, C] to logits [B, H, W, num_classes] at input resolution.
+"""
+import dataclasses
+import importlib
+import pkgutil
+
+from segjax.errors import ConfigError
+
+_NOT_MODELS = ('layers',)
+
+
+def model_names():
+  """Names of the modules in this package that define a `Model`."""
+  return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_MODELS)
+
+
+def get_model(model_config, num_classes):
+  """Builds `Model(num_classes=..., **fields)` from `model_config` (a ConfigDict with `name`)."""
+  fields = dict(model_config)
+  name = fields.pop('name')
+  if name not in model_names():
+    raise ConfigError(f'unknown model.name {name!r}; valid names: {", ".join(model_names())}')
+  model_class = importlib.import_module(f'segjax.models.{name}').Model
+  accepted = {f.name for f in dataclasses.fields(model_class)} - {'parent', 'name'}
+  unknown = sorted(set(fields) - accepted)
+  if unknown:
+    raise ConfigError(f'model {name!r} has no field(s) {unknown}; its fields are '
+                      f'{sorted(accepted - {"num_classes"})}')
+  return model_class(num_classes=num_classes, **fields)

@@ -1,0 +1,41 @@
+"""Building blocks shared by the models."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class ConvBNReLU(nn.Module):
+  """3x3 (or `kernel`) convolution without bias, BatchNorm, ReLU. [B, H, W, C] -> [B, H', W', F]."""
+  features: int
+  kernel: int = 3
+  strides: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.strides,
+                padding='SAME', use_bias=False, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype)(x)
+    return nn.relu(x)
+
+
+def resize_to(x, height, width):
+  """Bilinear resize of [B, h, w, C] to [B, height, width, C] (half-pixel centres)."""
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), method='bilinear')
+
+
+max_pool_2x2 = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+
+
+class DoubleConv(nn.Module):
+  """Two ConvBNReLU 3x3 layers of `features` channels. [B, H, W, C] -> [B, H, W, features]."""
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    x = ConvBNReLU(self.features, dtype=self.dtype)(x, train=train)
+    return ConvBNReLU(self.features, dtype=self.dtype)(x, train=train)

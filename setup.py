@@ -1,0 +1,27 @@
+"""segjax: semantic segmentation in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name='segjax',
+    version='0.1.0',
+    description='Semantic image segmentation research code in JAX/Flax.',
+    packages=setuptools.find_packages(include=['segjax', 'segjax.*']),
+    python_requires='>=3.10',
+    # Ranges tested together on CPU with Python 3.11 (see README).
+    install_requires=[
+        'jax>=0.10.0,<0.11',
+        'flax>=0.12.0,<0.13',
+        'optax>=0.2.5,<0.3',
+        'orbax-checkpoint>=0.12.0,<0.13',
+        'tensorflow-datasets>=4.9.9,<4.10',
+        'grain>=0.2.12,<0.3',
+        'ml_collections>=1.1.0,<2',
+        'absl-py>=2.1,<3',
+        'numpy>=2.0,<3',
+        'Pillow>=10.0,<14',
+        'importlib_resources>=6.0',
+        'tensorboardX>=2.6,<3',
+        'tqdm>=4.66,<5',
+    ],
+    extras_require={'test': ['pytest>=8,<10']},
+)
