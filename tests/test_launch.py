@@ -111,3 +111,13 @@ def test_bad_config_file_or_argument_is_one_line(args, message):
                           text=True, timeout=120)
   assert result.returncode == 1
   assert message in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_trains_data_parallel_over_two_devices(tmp_path, data_dir):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  workdir = str(tmp_path / 'run')
+  launch('--config.total_steps=2', f'--workdir={workdir}', data_dir=data_dir, env=env)
+  assert read_metrics(workdir)[-1]['split'] == 'val'
+  odd = launch('--config.batch_size=3', '--config.total_steps=2', f'--workdir={workdir}',
+               data_dir=data_dir, env=env, check=False)
+  assert 'error: batch_size=3 is not divisible by the 2 devices' in odd.stderr
