@@ -9,7 +9,7 @@ import pkgutil
 
 from segjax.errors import ConfigError
 
-_NOT_MODELS = ('layers',)
+_NOT_MODELS = ('layers', 'resnet')
 
 
 def model_names():

@@ -1,0 +1,194 @@
+"""ResNet backbone (He et al., 2016) in torchvision's layout, with DeepLab's atrous stages.
+
+ResNet-18/34 stack basic blocks (two 3x3 convolutions); ResNet-50/101 stack bottleneck
+blocks (1x1, 3x3, 1x1 with 4x expansion) in the "v1.5" form, where the stride sits on the
+3x3 convolution. Stem: 7x7 stride-2 convolution, BatchNorm, ReLU, 3x3 stride-2 max pooling;
+then four stages of widths 64, 128, 256, 512 (x4 for bottleneck), the first block of
+stages 2-4 halving the resolution, and a 1x1 convolution + BatchNorm projecting the shortcut
+where the shape changes. Convolutions have no bias and use PyTorch's explicit padding, so
+torchvision weights give the same outputs once converted:
+
+  torchvision key             flax path (variables['params'] / ['batch_stats'])
+  conv1.weight                conv1/kernel                (O, I, kh, kw) -> (kh, kw, I, O)
+  bn1.{weight,bias}           bn1/{scale,bias}
+  bn1.running_{mean,var}      bn1/{mean,var}              (in 'batch_stats')
+  layer2.0.conv1.weight       layer2_0/conv1/kernel
+  layer2.0.downsample.0/.1    layer2_0/downsample_conv, layer2_0/downsample_bn
+
+With `output_stride` 16 or 8 the strides of the last stage(s) become 1 and their 3x3
+convolutions are dilated instead (DeepLab): OS16 dilates stage 4 by 2; OS8 dilates stage 3
+by 2 and stage 4 by 4. Every block of a dilated stage uses the stage's rate (as DeepLab and
+mmsegmentation do; torchvision's `replace_stride_with_dilation` keeps the previous rate in
+the first block). `multi_grid` multiplies the rate of the last stage's blocks, cycled:
+(1, 2, 4) at OS16 gives rates 2, 4, 8.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+DEPTHS = {  # depth -> (block kind, blocks per stage)
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+}
+OUTPUT_STRIDES = (8, 16, 32)
+WIDTHS = (64, 128, 256, 512)
+EXPANSION = {'basic': 1, 'bottleneck': 4}
+
+# torchvision's initialisation: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def check_config(depth, output_stride, multi_grid=(1,)):
+  """Raises ValueError naming the valid values if a ResNet field is out of range."""
+  if depth not in DEPTHS:
+    raise ValueError(f'ResNet depth must be one of {sorted(DEPTHS)}, got {depth!r}')
+  if output_stride not in OUTPUT_STRIDES:
+    raise ValueError(f'ResNet output_stride must be one of {OUTPUT_STRIDES}, '
+                     f'got {output_stride!r}')
+  if not multi_grid or any(int(m) != m or m < 1 for m in multi_grid):
+    raise ValueError(f'ResNet multi_grid must be a non-empty tuple of positive ints, '
+                     f'got {multi_grid!r}')
+
+
+def stage_strides_and_rates(output_stride):
+  """Per-stage (stride, dilation rate) for stages 1-4, e.g. OS16 -> ((1,1),(2,1),(2,1),(1,2))."""
+  strides, rates = [], []
+  current_stride, rate = 4, 1  # the stem's stride
+  for stage in range(4):
+    stride = 1 if stage == 0 else 2
+    if current_stride * stride > output_stride:
+      rate *= stride
+      stride = 1
+    current_stride *= stride
+    strides.append(stride)
+    rates.append(rate)
+  return tuple(zip(strides, rates))
+
+
+def block_rates(stage_rate, num_blocks, multi_grid=(1,)):
+  """Dilation rates of a stage's blocks: `stage_rate` times `multi_grid`, cycled."""
+  return tuple(stage_rate * multi_grid[i % len(multi_grid)] for i in range(num_blocks))
+
+
+def stage_channels(depth):
+  """Channels of the features {'stem', 'stage1', ..., 'stage4'} of a ResNet of `depth`."""
+  kind, _ = DEPTHS[depth]
+  channels = {'stem': 64}
+  channels.update({f'stage{i + 1}': w * EXPANSION[kind] for i, w in enumerate(WIDTHS)})
+  return channels
+
+
+def _pad(kernel, rate=1):
+  """PyTorch's padding for a `kernel` x `kernel` convolution dilated by `rate`."""
+  p = rate * (kernel - 1) // 2
+  return ((p, p), (p, p))
+
+
+def _conv(features, kernel, name, strides=1, rate=1, dtype=jnp.float32):
+  """Bias-free `kernel` x `kernel` convolution with PyTorch's padding (created in the caller)."""
+  return nn.Conv(features, (kernel, kernel), strides=strides, padding=_pad(kernel, rate),
+                 kernel_dilation=rate, use_bias=False, kernel_init=conv_init, dtype=dtype,
+                 name=name)
+
+
+def _bn(name, use_running_average, dtype=jnp.float32):
+  """BatchNorm with PyTorch's defaults: epsilon 1e-5, momentum 0.1 (flax: 0.9)."""
+  return nn.BatchNorm(use_running_average=use_running_average, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype, name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 conv-BN layers plus shortcut, ReLU. [B, H, W, C] -> [B, H/s, W/s, features]."""
+  features: int
+  strides: int = 1
+  rate: int = 1
+  use_running_average: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    bn = functools.partial(_bn, use_running_average=self.use_running_average, dtype=self.dtype)
+    y = _conv(self.features, 3, 'conv1', self.strides, self.rate, self.dtype)(x)
+    y = nn.relu(bn('bn1')(y))
+    y = bn('bn2')(_conv(self.features, 3, 'conv2', 1, self.rate, self.dtype)(y))
+    return nn.relu(y + _shortcut(x, self.features, self.strides, bn, self.dtype))
+
+
+class Bottleneck(nn.Module):
+  """1x1, 3x3 (strided, dilated), 1x1 conv-BN layers plus shortcut, ReLU (ResNet v1.5).
+
+  [B, H, W, C] -> [B, H/s, W/s, 4 * features].
+  """
+  features: int
+  strides: int = 1
+  rate: int = 1
+  use_running_average: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    bn = functools.partial(_bn, use_running_average=self.use_running_average, dtype=self.dtype)
+    y = nn.relu(bn('bn1')(_conv(self.features, 1, 'conv1', dtype=self.dtype)(x)))
+    y = _conv(self.features, 3, 'conv2', self.strides, self.rate, self.dtype)(y)
+    y = nn.relu(bn('bn2')(y))
+    y = bn('bn3')(_conv(4 * self.features, 1, 'conv3', dtype=self.dtype)(y))
+    return nn.relu(y + _shortcut(x, 4 * self.features, self.strides, bn, self.dtype))
+
+
+def _shortcut(x, features, strides, bn, dtype):
+  """Identity, or a strided 1x1 conv + BN when the stride or channel count changes."""
+  if strides == 1 and x.shape[-1] == features:
+    return x
+  return bn('downsample_bn')(_conv(features, 1, 'downsample_conv', strides, dtype=dtype)(x))
+
+
+BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
+
+
+class ResNet(nn.Module):
+  """ResNet-18/34/50/101 backbone returning the feature map of every stage.
+
+  Fields: `depth` in (18, 34, 50, 101); `output_stride` in (8, 16, 32); `multi_grid`:
+  multipliers of the last stage's dilation rate, cycled over its blocks; `frozen_bn`: use
+  the running averages even when training (and leave them unchanged); `dtype`: compute
+  dtype (parameters stay float32).
+  """
+  depth: int = 50
+  output_stride: int = 32
+  multi_grid: tuple = (1, 1, 1)
+  frozen_bn: bool = False
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    check_config(self.depth, self.output_stride, tuple(self.multi_grid))
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train):
+    """images [B, H, W, C] -> {'stem', 'stage1', ..., 'stage4'}: features [B, h, w, C_k].
+
+    'stem' and 'stage1' are at stride 4 (64 and 64 or 256 channels); stages 2-4 at
+    strides 8, 16, 32 (capped at `output_stride`) with 128, 256, 512 channels (x4 for
+    bottleneck), as in torchvision for H and W divisible by 32.
+    """
+    kind, blocks_per_stage = DEPTHS[self.depth]
+    block = BLOCKS[kind]
+    use_running_average = not train or self.frozen_bn
+    x = _conv(64, 7, 'conv1', strides=2, dtype=self.dtype)(images.astype(self.dtype))
+    x = nn.relu(_bn('bn1', use_running_average, self.dtype)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    features = {'stem': x}
+    stages = stage_strides_and_rates(self.output_stride)
+    for stage, (width, num_blocks, (stride, rate)) in enumerate(
+        zip(WIDTHS, blocks_per_stage, stages)):
+      grid = tuple(self.multi_grid) if stage == 3 else (1,)
+      for i, block_rate in enumerate(block_rates(rate, num_blocks, grid)):
+        x = block(width, strides=stride if i == 0 else 1, rate=block_rate,
+                  use_running_average=use_running_average, dtype=self.dtype,
+                  name=f'layer{stage + 1}_{i}')(x)
+      features[f'stage{stage + 1}'] = x
+    return features
