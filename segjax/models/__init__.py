@@ -29,4 +29,7 @@ def get_model(model_config, num_classes):
   if unknown:
     raise ConfigError(f'model {name!r} has no field(s) {unknown}; its fields are '
                       f'{sorted(accepted - {"num_classes"})}')
-  return model_class(num_classes=num_classes, **fields)
+  try:
+    return model_class(num_classes=num_classes, **fields)
+  except ValueError as e:  # a field's value refused at construction
+    raise ConfigError(f'model {name!r}: {e}') from e

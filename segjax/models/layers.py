@@ -7,16 +7,21 @@ import jax.numpy as jnp
 
 
 class ConvBNReLU(nn.Module):
-  """3x3 (or `kernel`) convolution without bias, BatchNorm, ReLU. [B, H, W, C] -> [B, H', W', F]."""
+  """3x3 (or `kernel`) convolution without bias, BatchNorm, ReLU. [B, H, W, C] -> [B, H', W', F].
+
+  `dilation` > 1 makes the convolution atrous ('SAME' padding keeps the size at stride 1).
+  """
   features: int
   kernel: int = 3
   strides: int = 1
+  dilation: int = 1
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train):
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.strides,
-                padding='SAME', use_bias=False, dtype=self.dtype)(x)
+                padding='SAME', kernel_dilation=self.dilation, use_bias=False,
+                dtype=self.dtype)(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                      dtype=self.dtype)(x)
     return nn.relu(x)

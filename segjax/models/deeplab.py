@@ -1,0 +1,154 @@
+"""DeepLab v3 (Chen et al., 2017) and v3+ (Chen et al., 2018) on the atrous ResNet backbone.
+
+Backbone: `resnet.ResNet` at output stride 16 or 8 (its last stage(s) dilated instead of
+strided), with `multi_grid` multiplying the rates of the last stage's blocks.
+
+ASPP (atrous spatial pyramid pooling) on the stride-OS features: a 1x1 conv, one 3x3 conv
+per atrous rate (the paper's 6, 12, 18 at OS16, doubled at OS8), and image pooling (global
+average, 1x1 conv, bilinear upsampling back), each conv-BN-ReLU of `aspp_features`
+channels; the branches are concatenated, projected by a 1x1 conv-BN-ReLU and dropped out.
+
+v3: a 1x1 convolution scores the ASPP output, and the scores are resized to the input size
+(as in the paper; torchvision's DeepLabHead adds a 3x3 conv-BN-ReLU before the classifier
+and uses dropout 0.5). v3+: a decoder projects the backbone's stride-4 'stage1' features to
+`low_level_features` (48) channels by a 1x1 conv-BN-ReLU, upsamples the ASPP output to
+stride 4, concatenates the two, applies two 3x3 conv-BN-ReLU of `decoder_features`; the
+1x1 classifier follows and the scores are resized to the input size.
+
+`frozen_bn` freezes every BatchNorm (backbone and head): they normalise with their running
+averages even when training and leave them unchanged, as in the paper's OS8 fine-tuning.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from segjax.models import resnet
+from segjax.models.layers import ConvBNReLU, resize_to
+
+PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # output stride -> ASPP atrous rates
+VARIANTS = ('v3', 'v3plus')
+
+
+def aspp_rates_for(output_stride, rates=(), allow_custom=False):
+  """ASPP atrous rates: the paper's for `output_stride` if `rates` is empty, else `rates`.
+
+  Raises ValueError if `output_stride` is not 8 or 16, or if `rates` are not positive ints
+  or differ from the paper's rates for `output_stride` while `allow_custom` is False.
+  """
+  if output_stride not in PAPER_RATES:
+    raise ValueError(f'DeepLab output_stride must be 8 or 16, got {output_stride!r}; '
+                     f'use 16 (ASPP rates {PAPER_RATES[16]}) or 8 (rates {PAPER_RATES[8]})')
+  paper, rates = PAPER_RATES[output_stride], tuple(rates)
+  if not rates:
+    return paper
+  if any(int(r) != r or r < 1 for r in rates):
+    raise ValueError(f'aspp_rates must be positive ints, got {rates!r}')
+  if rates == paper or allow_custom:
+    return rates
+  other = [os for os, os_rates in PAPER_RATES.items() if os_rates == rates]
+  what = (f'are the OS{other[0]} rates but output_stride is {output_stride}' if other
+          else f"are not the paper's rates for output_stride {output_stride}")
+  raise ValueError(f'aspp_rates {rates} {what}; use {paper} or set allow_custom_rates=True')
+
+
+class ASPP(nn.Module):
+  """Atrous spatial pyramid pooling. [B, h, w, C] -> [B, h, w, features].
+
+  Branches (each conv-BN-ReLU of `features`): 1x1 conv; a 3x3 conv dilated by each of
+  `rates`; image pooling (global average, 1x1 conv, upsampled back to h x w). Their
+  concatenation is projected by a 1x1 conv-BN-ReLU, then dropout at `dropout` (training
+  only, 'dropout' rng). `frozen_bn`: BatchNorm uses its running averages when training.
+  """
+  rates: tuple
+  features: int = 256
+  dropout: float = 0.1
+  frozen_bn: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    bn_train = train and not self.frozen_bn
+    conv = functools.partial(ConvBNReLU, self.features, dtype=self.dtype)
+    branches = [conv(kernel=1, name='conv1x1')(x, train=bn_train)]
+    branches += [conv(dilation=rate, name=f'atrous{i}')(x, train=bn_train)
+                 for i, rate in enumerate(self.rates)]
+    pooled = conv(kernel=1, name='pool')(jnp.mean(x, axis=(1, 2), keepdims=True),
+                                         train=bn_train)
+    branches.append(resize_to(pooled, *x.shape[1:3]))
+    x = conv(kernel=1, name='project')(jnp.concatenate(branches, axis=-1), train=bn_train)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class Decoder(nn.Module):
+  """DeepLab v3+ decoder. ASPP output [B, h, w, C], low-level [B, h4, w4, C_low]
+  -> [B, h4, w4, features].
+
+  The low-level features are projected to `low_level_features` by a 1x1 conv-BN-ReLU, the
+  ASPP output is resized bilinearly to h4 x w4, the two are concatenated, and two 3x3
+  conv-BN-ReLU of `features` follow. `frozen_bn` as in ASPP.
+  """
+  low_level_features: int = 48
+  features: int = 256
+  frozen_bn: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, low_level, *, train):
+    bn_train = train and not self.frozen_bn
+    low_level = ConvBNReLU(self.low_level_features, kernel=1, dtype=self.dtype,
+                           name='low_level_project')(low_level, train=bn_train)
+    x = jnp.concatenate([resize_to(x, *low_level.shape[1:3]), low_level], axis=-1)
+    x = ConvBNReLU(self.features, dtype=self.dtype, name='conv1')(x, train=bn_train)
+    return ConvBNReLU(self.features, dtype=self.dtype, name='conv2')(x, train=bn_train)
+
+
+class Model(nn.Module):
+  """DeepLab v3 / v3+. Fields are checked at construction (ValueError naming the fix).
+
+  `variant`: 'v3' or 'v3plus'; `backbone_depth`: ResNet depth (18, 34, 50, 101);
+  `output_stride`: 8 or 16; `multi_grid`: rate multipliers of the last stage's blocks;
+  `aspp_rates`: () for the paper's rates at `output_stride`, other rates only with
+  `allow_custom_rates`; `aspp_features`, `low_level_features`, `decoder_features`: widths
+  of the ASPP, the v3+ low-level projection and the v3+ decoder convs; `frozen_bn`: see the
+  module docstring; `dropout`: rate after the ASPP projection; `dtype`: compute dtype.
+  """
+  num_classes: int
+  variant: str = 'v3plus'
+  backbone_depth: int = 50
+  output_stride: int = 16
+  multi_grid: tuple = (1, 2, 4)
+  aspp_rates: tuple = ()
+  allow_custom_rates: bool = False
+  aspp_features: int = 256
+  low_level_features: int = 48
+  decoder_features: int = 256
+  frozen_bn: bool = False
+  dropout: float = 0.1
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f'unknown DeepLab variant {self.variant!r}; use one of {VARIANTS}')
+    aspp_rates_for(self.output_stride, self.aspp_rates, self.allow_custom_rates)
+    if self.backbone_depth not in resnet.DEPTHS:
+      raise ValueError(f'backbone_depth must be one of {sorted(resnet.DEPTHS)}, '
+                       f'got {self.backbone_depth!r}')
+    resnet.check_config(self.backbone_depth, self.output_stride, tuple(self.multi_grid))
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train):
+    """images [B, H, W, C] -> logits [B, H, W, num_classes] (float32)."""
+    features = resnet.ResNet(depth=self.backbone_depth, output_stride=self.output_stride,
+                             multi_grid=tuple(self.multi_grid), frozen_bn=self.frozen_bn,
+                             dtype=self.dtype, name='backbone')(images, train=train)
+    rates = aspp_rates_for(self.output_stride, self.aspp_rates, self.allow_custom_rates)
+    x = ASPP(rates, self.aspp_features, self.dropout, self.frozen_bn, self.dtype,
+             name='aspp')(features['stage4'], train=train)
+    if self.variant == 'v3plus':
+      x = Decoder(self.low_level_features, self.decoder_features, self.frozen_bn, self.dtype,
+                  name='decoder')(x, features['stage1'], train=train)
+    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
+    return resize_to(logits.astype(jnp.float32), *images.shape[1:3])
