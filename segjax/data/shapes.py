@@ -153,6 +153,8 @@ def builder_config(image_size, num_train, num_validation, seed):
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of the embedded shapes dataset (no download; ArrayRecord friendly)."""
 
+  # Prepared data is cached by (config name, version): bump the version whenever the
+  # generator's output changes, or users keep reading the old files.
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = [builder_config(32, 4000, 500, 0)]
