@@ -6,6 +6,12 @@ import jax
 import jax.numpy as jnp
 
 
+def batch_norm(use_running_average, dtype=jnp.float32, name=None):
+  """BatchNorm with PyTorch's defaults: epsilon 1e-5, momentum 0.1 (0.9 in flax's terms)."""
+  return nn.BatchNorm(use_running_average=use_running_average, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype, name=name)
+
+
 class ConvBNReLU(nn.Module):
   """3x3 (or `kernel`) convolution without bias, BatchNorm, ReLU. [B, H, W, C] -> [B, H', W', F].
 
@@ -22,9 +28,7 @@ class ConvBNReLU(nn.Module):
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.strides,
                 padding='SAME', kernel_dilation=self.dilation, use_bias=False,
                 dtype=self.dtype)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype)(x)
-    return nn.relu(x)
+    return nn.relu(batch_norm(not train, self.dtype)(x))
 
 
 def resize_to(x, height, width):

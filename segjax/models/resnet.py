@@ -28,6 +28,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from segjax.models.layers import batch_norm
+
 DEPTHS = {  # depth -> (block kind, blocks per stage)
     18: ('basic', (2, 2, 2, 2)),
     34: ('basic', (3, 4, 6, 3)),
@@ -95,43 +97,40 @@ def _conv(features, kernel, name, strides=1, rate=1, dtype=jnp.float32):
                  name=name)
 
 
-def _bn(name, use_running_average, dtype=jnp.float32):
-  """BatchNorm with PyTorch's defaults: epsilon 1e-5, momentum 0.1 (flax: 0.9)."""
-  return nn.BatchNorm(use_running_average=use_running_average, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
-
-
-class BasicBlock(nn.Module):
-  """Two 3x3 conv-BN layers plus shortcut, ReLU. [B, H, W, C] -> [B, H/s, W/s, features]."""
+class _Block(nn.Module):
+  """Fields shared by the residual blocks."""
   features: int
   strides: int = 1
   rate: int = 1
   use_running_average: bool = True
   dtype: Any = jnp.float32
 
+  def norm(self):
+    """name -> this block's BatchNorm (running averages per `use_running_average`)."""
+    return functools.partial(batch_norm, self.use_running_average, self.dtype)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 conv-BN layers plus shortcut, ReLU. [B, H, W, C] -> [B, H/s, W/s, features]."""
+
   @nn.compact
   def __call__(self, x):
-    bn = functools.partial(_bn, use_running_average=self.use_running_average, dtype=self.dtype)
+    bn = self.norm()
     y = _conv(self.features, 3, 'conv1', self.strides, self.rate, self.dtype)(x)
     y = nn.relu(bn('bn1')(y))
     y = bn('bn2')(_conv(self.features, 3, 'conv2', 1, self.rate, self.dtype)(y))
     return nn.relu(y + _shortcut(x, self.features, self.strides, bn, self.dtype))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1, 3x3 (strided, dilated), 1x1 conv-BN layers plus shortcut, ReLU (ResNet v1.5).
 
   [B, H, W, C] -> [B, H/s, W/s, 4 * features].
   """
-  features: int
-  strides: int = 1
-  rate: int = 1
-  use_running_average: bool = True
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    bn = functools.partial(_bn, use_running_average=self.use_running_average, dtype=self.dtype)
+    bn = self.norm()
     y = nn.relu(bn('bn1')(_conv(self.features, 1, 'conv1', dtype=self.dtype)(x)))
     y = _conv(self.features, 3, 'conv2', self.strides, self.rate, self.dtype)(y)
     y = nn.relu(bn('bn2')(y))
@@ -179,7 +178,7 @@ class ResNet(nn.Module):
     block = BLOCKS[kind]
     use_running_average = not train or self.frozen_bn
     x = _conv(64, 7, 'conv1', strides=2, dtype=self.dtype)(images.astype(self.dtype))
-    x = nn.relu(_bn('bn1', use_running_average, self.dtype)(x))
+    x = nn.relu(batch_norm(use_running_average, self.dtype, 'bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features = {'stem': x}
     stages = stage_strides_and_rates(self.output_stride)
