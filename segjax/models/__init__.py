@@ -9,7 +9,7 @@ import pkgutil
 
 from segjax.errors import ConfigError
 
-_NOT_MODELS = ('layers', 'resnet')
+_NOT_MODELS = ('layers', 'resnet', 'vgg', 'vit')  # building blocks and backbones
 
 
 def model_names():
