@@ -22,6 +22,12 @@ setuptools.setup(
         'importlib_resources>=6.0',
         'tensorboardX>=2.6,<3',
         'tqdm>=4.66,<5',
+        'safetensors>=0.4,<1',  # reading .safetensors backbone weights (numpy API)
+        'scipy>=1.11,<2',  # reading SBD's .mat labels
     ],
-    extras_require={'test': ['pytest>=8,<10']},
+    extras_require={
+        # PyTorch reads .pth weights and is the reference in the weight-import tests; this
+        # exact version is a small CPU build where CI runs (a range would pull a CUDA one).
+        'test': ['pytest>=8,<10', 'torch==2.13.0'],
+    },
 )

@@ -5,6 +5,7 @@ Every experiment's `get_config(arg)` starts from `base_config()` and sets the mo
 parsed by `parse_arg` against the variants the file declares.
 """
 import ast
+import os
 
 import jax
 import ml_collections
@@ -12,6 +13,7 @@ import ml_collections
 from segjax import data as data_lib
 from segjax import models as models_lib
 from segjax import optim
+from segjax.models import resnet
 from segjax.errors import ConfigError
 
 
@@ -28,11 +30,19 @@ def base_config():
   config.max_to_keep = 2
 
   config.model = ml_collections.ConfigDict({'name': ''})
+  # Path of published ImageNet backbone weights (.pth or .safetensors; see segjax/pretrained.py).
+  config.init_from = ''
 
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'shapes'
   config.dataset.data_dir = ''  # '' -> ~/.cache/segjax/tensorflow_datasets
-  config.dataset.image_size = 32  # training crop side (and the shapes' image side), pixels
+  # Real datasets' original files (read once); '' -> <data_dir>/downloads/manual/<name>.
+  config.dataset.source_dir = ''
+  # Training crop in pixels: a side or (height, width); shapes: the generated image side.
+  config.dataset.image_size = ml_collections.FieldReference(32, field_type=object)
+  # Evaluation images and labels are padded (never resized) to this side or (height,
+  # width); 0: the largest validation image rounded up to a multiple of 32.
+  config.dataset.eval_pad_size = ml_collections.FieldReference(0, field_type=object)
   config.dataset.num_train = 4000  # shapes only: examples generated per split
   config.dataset.num_validation = 500
   config.dataset.generator_seed = 0
@@ -43,6 +53,14 @@ def base_config():
   config.dataset.std = (0.25, 0.25, 0.25)
   config.dataset.num_threads = 2  # grain reader threads
   config.dataset.check_label_batches = 4  # first batches whose labels are validated
+  config.dataset.voc_train_split = 'train_aug'  # voc: 'train_aug' (needs SBD) or 'train'
+  config.dataset.pets_boundary = 'class'  # pets: trimap boundary as a class or 'ignore'
+  config.dataset.class_names = ()  # folder: one name per class, in class-index order
+  config.dataset.palette = ()  # folder: one (r, g, b) per class for colour masks; (): indices
+  config.dataset.ignore_colours = ()  # folder: (r, g, b) colours of ignored mask pixels
+  config.dataset.image_dir = 'images'  # folder: relative to source_dir, or absolute
+  config.dataset.mask_dir = 'masks'
+  config.dataset.validation_fraction = 0.1  # folder without train.txt/val.txt
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'
@@ -54,11 +72,13 @@ def base_config():
   config.schedule = 'cosine'
   config.warmup_steps = 100
   config.poly_power = 0.9
+  config.end_learning_rate = 0.0  # where 'poly' and 'cosine' end (mmsegmentation: 1e-4)
   config.weight_decay = 0.0
   config.grad_clip_norm = 0.0  # 0 disables clipping
 
   config.loss = ml_collections.ConfigDict()
   config.loss.class_weights = ()  # empty: unweighted; else one weight per class
+  config.loss.aux_weight = 0.4  # of the auxiliary head's loss, for models that have one
   return config
 
 
@@ -82,15 +102,36 @@ def parse_arg(arg, **defaults):
   return variant
 
 
+def resnet_depth(name):
+  """'resnet50' -> 50, for experiment arguments that name a ResNet backbone."""
+  valid = [f'resnet{depth}' for depth in resnet.DEPTHS]
+  if name not in valid:
+    raise ConfigError(f'unknown backbone {name!r}; valid: {", ".join(valid)}')
+  return int(name[len('resnet'):])
+
+
 def _require(condition, message):
   if not condition:
     raise ConfigError(message)
 
 
+def _is_size(value):
+  """Whether `value` is a positive int or a pair of them (a side, or height and width)."""
+  sides = value if isinstance(value, (tuple, list)) and len(value) == 2 else (value,)
+  return all(isinstance(side, int) and not isinstance(side, bool) and side > 0
+             for side in sides)
+
+
 def validate(config):
   """Refuses unknown names and impossible values before anything is built or compiled."""
-  models_lib.get_model(config.model, num_classes=2)  # name and fields
-  spec = data_lib.get_spec(config.dataset.name)
+  model = models_lib.get_model(config.model, num_classes=2)  # name and fields
+  if config.init_from:
+    _require(os.path.isfile(config.init_from),
+             f'init_from file {config.init_from!r} does not exist')
+    _require(getattr(model, 'backbone_module', lambda: None)() is not None,
+             f'model {config.model.name!r} with these fields cannot start from published '
+             'backbone weights; unset init_from')
+  spec = data_lib.get_spec(config.dataset)  # and the dataset's own fields
   _require(config.optimizer.name in optim.OPTIMIZERS,
            f'unknown optimizer.name {config.optimizer.name!r}; valid: '
            f'{", ".join(optim.OPTIMIZERS)}')
@@ -99,10 +140,18 @@ def validate(config):
   for field in ('total_steps', 'batch_size', 'eval_batch_size', 'eval_every',
                 'checkpoint_every', 'log_every', 'max_to_keep'):
     _require(int(config[field]) > 0, f'{field} must be positive, got {config[field]}')
-  _require(config.dataset.image_size > 0, 'dataset.image_size must be positive')
+  _require(_is_size(config.dataset.image_size),
+           'dataset.image_size must be a positive int or a (height, width) pair of them, '
+           f'got {config.dataset.image_size!r}')
+  _require(config.dataset.eval_pad_size == 0 or _is_size(config.dataset.eval_pad_size),
+           'dataset.eval_pad_size must be 0 (the largest image), a positive int or a '
+           f'(height, width) pair of them, got {config.dataset.eval_pad_size!r}')
   _require(0 < config.dataset.min_scale <= config.dataset.max_scale,
            'need 0 < dataset.min_scale <= dataset.max_scale')
   _require(config.optimizer.learning_rate > 0, 'optimizer.learning_rate must be positive')
+  _require(0 <= config.end_learning_rate <= config.optimizer.learning_rate,
+           f'end_learning_rate ({config.end_learning_rate}) must be in [0, '
+           f'optimizer.learning_rate={config.optimizer.learning_rate}]')
   _require(0 <= config.warmup_steps < config.total_steps,
            f'warmup_steps ({config.warmup_steps}) must be in [0, total_steps)')
   _require(len(config.dataset.mean) == len(config.dataset.std),

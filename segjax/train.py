@@ -29,7 +29,9 @@ from segjax import metrics as metrics_lib
 from segjax import models as models_lib
 from segjax import optim
 from segjax import parallel
+from segjax import pretrained
 from segjax.data import pipeline
+from segjax.data import transforms
 from segjax.errors import ConfigError, SegjaxError
 
 
@@ -51,25 +53,35 @@ def create_train_state(rng, model, config, input_shape):
       tx=optim.create_optimizer(config))
 
 
-def train_step(state, batch, rng, *, ignore_label, class_weights, learning_rate_fn):
+def train_step(state, batch, rng, *, ignore_label, class_weights, aux_loss_weight,
+               learning_rate_fn):
   """One optimisation step on a global batch -> (new state, scalar metrics).
 
   batch: `image` float32 [B, H, W, C], `label` int32 [B, H, W]. BatchNorm statistics are
   computed over the whole global batch (the mesh makes the reduction global under jit).
+  A model with an auxiliary head sows its logits [B, H, W, C] as 'aux_logits' in
+  'intermediates'; their cross-entropy is added with weight `aux_loss_weight`.
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  ce = functools.partial(losses.cross_entropy, labels=batch['label'],
+                         ignore_label=ignore_label, class_weights=class_weights)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-        mutable=['batch_stats'], rngs={'dropout': step_rng})
-    loss = losses.cross_entropy(logits, batch['label'], ignore_label=ignore_label,
-                                class_weights=class_weights)
-    return loss, updates
+        mutable=['batch_stats', 'intermediates'], rngs={'dropout': step_rng})
+    loss = ce(logits)
+    terms = {}  # the parts of the loss, logged when there is more than one
+    aux_logits = updates.get('intermediates', {}).get('aux_logits', ())
+    if aux_logits:
+      terms = {'main_loss': loss, 'aux_loss': sum(ce(aux) for aux in aux_logits)}
+      loss = loss + aux_loss_weight * terms['aux_loss']
+    return loss, (updates.get('batch_stats', state.batch_stats), terms)
 
-  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
-  return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+  (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return new_state, {'loss': loss, **terms, 'grad_norm': optax.tree.norm(grads),
                      'learning_rate': learning_rate_fn(state.step)}
 
 
@@ -86,6 +98,13 @@ def _check_workdir(workdir):
                       'pass a writable --workdir') from e
 
 
+def _with_pretrained_backbone(state, path, model, sharding):
+  """`state` with its backbone parameters and statistics read from the file at `path`."""
+  variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  loaded = jax.device_put(pretrained.load_backbone(path, model, variables), sharding)
+  return state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'])
+
+
 class Experiment:
   """Everything built from a config: data, model, mesh, jitted steps, checkpoints."""
 
@@ -94,7 +113,7 @@ class Experiment:
     _check_workdir(workdir)
     self.config = config
     self.workdir = workdir
-    self.spec = data_lib.get_spec(config.dataset.name)
+    self.spec = data_lib.get_spec(config.dataset)
     self.sources = data_lib.load_sources(config.dataset)
     self.model = models_lib.get_model(config.model, self.spec.num_classes)
     self.mesh = parallel.make_mesh()
@@ -102,15 +121,19 @@ class Experiment:
     batch_sharding = parallel.batch_sharding(self.mesh)
 
     channels = len(config.dataset.mean)
-    input_shape = (1, config.dataset.image_size, config.dataset.image_size, channels)
+    input_shape = (1, *transforms.height_width(config.dataset.image_size), channels)
     init_rng, self.train_rng = jax.random.split(jax.random.key(config.seed))
     init = functools.partial(create_train_state, model=self.model, config=config,
                              input_shape=input_shape)
     self.initial_state = jax.jit(init, out_shardings=replicated)(init_rng)
+    if config.init_from:
+      self.initial_state = _with_pretrained_backbone(self.initial_state, config.init_from,
+                                                     self.model, replicated)
 
     class_weights = tuple(config.loss.class_weights) or None
     step = functools.partial(
         train_step, ignore_label=self.spec.ignore_label, class_weights=class_weights,
+        aux_loss_weight=config.loss.aux_weight,
         learning_rate_fn=optim.learning_rate_schedule(config))
     self.train_step = jax.jit(
         step, in_shardings=(replicated, batch_sharding, replicated),

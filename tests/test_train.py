@@ -1,8 +1,10 @@
 """The train step, optimizer, checkpoints and config validation on a tiny U-Net."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from segjax import checkpoint
@@ -106,7 +108,7 @@ def test_weight_decay_skips_biases_and_norm_scales():
     ('optimizer.name', 'lamb', "unknown optimizer.name 'lamb'; valid: sgd, adam, adamw"),
     ('schedule', 'step', "unknown schedule 'step'"),
     ('model.name', 'nope', "unknown model.name 'nope'; valid names: cnn, deeplab, .*unet"),
-    ('dataset.name', 'nope', "unknown dataset.name 'nope'; valid names: shapes"),
+    ('dataset.name', 'nope', "unknown dataset.name 'nope'; valid names: ade20k, cityscapes, folder, pets, shapes, voc"),
     ('batch_size', 0, 'batch_size must be positive'),
     ('loss.class_weights', (1.0, 2.0), 'loss.class_weights has 2 values'),
 ])
@@ -137,3 +139,41 @@ def test_checkpoint_of_another_model_is_refused(experiment, tmp_path):
       r'checkpoint .*/checkpoints/0 does not fit this config.s model: mis-shaped \(saved != '
       r'model\) params: ConvTranspose_0/bias \(8,\) != \(16,\)')):
     checkpoint.Checkpoints(str(tmp_path), max_to_keep=2).restore(other)
+
+
+class _ModelWithAuxHead(nn.Module):
+  """Two 1x1 convolutions: the main logits, and auxiliary logits sown as a real model does."""
+
+  @nn.compact
+  def __call__(self, images, *, train):
+    if train:
+      self.sow('intermediates', 'aux_logits', nn.Conv(3, (1, 1), name='aux')(images))
+    return nn.Conv(3, (1, 1), name='main')(images)
+
+
+def _numpy_cross_entropy(logits, labels, ignore_label):
+  logits = np.asarray(logits, np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  valid = labels != ignore_label
+  picked = np.take_along_axis(log_probs, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+  return -picked[valid].mean()
+
+
+def test_auxiliary_head_loss_is_added_with_its_weight():
+  model = _ModelWithAuxHead()
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
+  labels = rng.integers(0, 3, (2, 4, 4)).astype(np.int32)
+  labels[0, 0] = 255
+  variables = model.init(jax.random.key(0), images, train=True)
+  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'],
+                                  batch_stats={}, tx=optax.sgd(0.0))
+  _, metrics = train.train_step(
+      state, {'image': images, 'label': labels}, jax.random.key(1), ignore_label=255,
+      class_weights=None, aux_loss_weight=0.4, learning_rate_fn=lambda step: 0.0)
+  conv = lambda p: np.einsum('bhwc,cd->bhwd', images, p['kernel'][0, 0]) + p['bias']
+  main = _numpy_cross_entropy(conv(variables['params']['main']), labels, 255)
+  aux = _numpy_cross_entropy(conv(variables['params']['aux']), labels, 255)
+  np.testing.assert_allclose(metrics['main_loss'], main, rtol=1e-5)
+  np.testing.assert_allclose(metrics['aux_loss'], aux, rtol=1e-5)
+  np.testing.assert_allclose(metrics['loss'], main + 0.4 * aux, rtol=1e-5)

@@ -10,9 +10,51 @@ from segjax.data import transforms
 from segjax.errors import DataError
 
 
-def _decode(example):
-  """TFDS example -> (image uint8 [H, W, 3], label uint8 [H, W])."""
-  return example['image'], example['segmentation_mask'][..., 0]
+EVAL_PAD_MULTIPLE = 32  # the default evaluation pad size is rounded up to a multiple of this
+
+
+def decode(example, spec):
+  """TFDS example -> (image uint8 [H, W, 3], label uint8 [H, W]).
+
+  The label holds class indices or `spec.ignore_label`: the raw values of the prepared
+  files mapped through `spec.label_map`.
+  """
+  label = example['segmentation_mask'][..., 0]
+  if spec.label_map is not None:
+    label = np.asarray(spec.label_map, np.uint8)[label]
+  return example['image'], label
+
+
+def _example_name(example, index):
+  name = example.get('file_name')
+  return name.decode() if isinstance(name, bytes) else f'example {index}'
+
+
+def max_image_size(source):
+  """(height, width) of the largest image of `source`, in pixels.
+
+  Read from the metadata the real datasets' builders record, else by decoding every
+  example once.
+  """
+  info = getattr(source, 'dataset_info', None)
+  recorded = (info.metadata or {}).get('max_size', {}) if info is not None else {}
+  if getattr(source, 'split', None) in recorded:
+    return tuple(recorded[source.split])
+  sizes = np.array([source[i]['segmentation_mask'].shape[:2] for i in range(len(source))])
+  return tuple(sizes.max(axis=0).tolist())
+
+
+def eval_pad_size(source, dataset_config):
+  """(height, width) that every evaluation image and label is padded to.
+
+  `dataset.eval_pad_size` when set (an int side or a (height, width) pair), else the
+  largest image of `source` rounded up to a multiple of EVAL_PAD_MULTIPLE, so one shape is
+  compiled for the whole split.
+  """
+  if dataset_config.eval_pad_size:
+    return transforms.height_width(dataset_config.eval_pad_size)
+  return tuple(-(-side // EVAL_PAD_MULTIPLE) * EVAL_PAD_MULTIPLE
+               for side in max_image_size(source))
 
 
 def train_batches(source, spec, config, *, start_step, process_index=0, process_count=1):
@@ -28,7 +70,7 @@ def train_batches(source, spec, config, *, start_step, process_index=0, process_
 
   def augment(example, rng):
     image, label = transforms.train_augment(
-        rng, *_decode(example), crop_size=data.image_size, min_scale=data.min_scale,
+        rng, *decode(example, spec), crop_size=data.image_size, min_scale=data.min_scale,
         max_scale=data.max_scale, flip=data.flip, ignore_label=spec.ignore_label)
     return {'image': transforms.normalize(image, data.mean, data.std),
             'label': label.astype(np.int32)}
@@ -46,17 +88,30 @@ def train_batches(source, spec, config, *, start_step, process_index=0, process_
 def eval_batches(source, spec, config):
   """Every example of `source` once, in order, in batches of `config.eval_batch_size`.
 
-  The last batch is padded to full size with images of zeros and labels of `ignore_label`,
-  so padded pixels never reach the confusion matrix. Images must all be the same size.
+  Images of any size: each image and label is padded at the bottom and right to
+  `eval_pad_size` (image with 0 after normalisation, i.e. the mean colour; label with
+  `ignore_label`) and never resized, so metrics are computed at the original label
+  resolution and predictions on padded pixels never reach the confusion matrix. The last
+  batch is filled up with such padding examples. An image larger than the pad size is a
+  `DataError`.
   """
   data = config.dataset
+  pad_height, pad_width = eval_pad_size(source, data)
 
-  def prepare(example):
-    image, label = _decode(example)
-    return {'image': transforms.normalize(image, data.mean, data.std),
-            'label': label.astype(np.int32)}
+  def prepare(index, example):
+    image, label = decode(example, spec)
+    height, width = label.shape
+    if height > pad_height or width > pad_width:
+      raise DataError(
+          f'evaluation image {_example_name(example, index)} is {height}x{width} (height x '
+          f'width), larger than the evaluation pad size {pad_height}x{pad_width}; set '
+          f'dataset.eval_pad_size to at least ({height}, {width}), or to 0 for the largest '
+          'image of the split')
+    image, label = transforms.pad_to(transforms.normalize(image, data.mean, data.std), label,
+                                     pad_height, pad_width, spec.ignore_label)
+    return {'image': image, 'label': label.astype(np.int32)}
 
-  dataset = grain.MapDataset.source(source).map(prepare).batch(
+  dataset = grain.MapDataset.source(source).map_with_index(prepare).batch(
       config.eval_batch_size, drop_remainder=False)
   for batch in dataset.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads)):
     missing = config.eval_batch_size - len(batch['label'])

@@ -6,6 +6,14 @@ import numpy as np
 from PIL import Image
 
 
+def height_width(size):
+  """A size config value (one int side, or a (height, width) pair) -> (height, width)."""
+  if isinstance(size, int) and not isinstance(size, bool):
+    return size, size
+  height, width = size
+  return int(height), int(width)
+
+
 def resize(image, label, scale):
   """Rescales by `scale`: bilinear for the image, nearest for the label (no new classes)."""
   height, width = label.shape
@@ -40,10 +48,14 @@ def normalize(image, mean, std):
 
 
 def train_augment(rng, image, label, *, crop_size, min_scale, max_scale, flip, ignore_label):
-  """Random scale, pad with ignore, random crop to `crop_size`^2, random horizontal flip."""
+  """Random scale, pad with ignore, random crop, random horizontal flip.
+
+  crop_size: side of a square crop, or (height, width).
+  """
+  height, width = height_width(crop_size)
   image, label = resize(image, label, rng.uniform(min_scale, max_scale))
-  image, label = pad_to(image, label, crop_size, crop_size, ignore_label)
-  image, label = random_crop(rng, image, label, crop_size, crop_size)
+  image, label = pad_to(image, label, height, width, ignore_label)
+  image, label = random_crop(rng, image, label, height, width)
   if flip and rng.uniform() < 0.5:
     image, label = image[:, ::-1], label[:, ::-1]
   return image, label
