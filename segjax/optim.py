@@ -12,17 +12,18 @@ def learning_rate_schedule(config):
   """Step -> learning rate: linear warmup over `warmup_steps`, then `config.schedule`.
 
   'poly' decays as (1 - t)^poly_power and 'cosine' as (1 + cos(pi t)) / 2, t going from 0
-  to 1 over the remaining steps (both end at 0); 'constant' stays at the base rate.
+  to 1 over the remaining steps, from the base rate to `end_learning_rate`; 'constant'
+  stays at the base rate.
   """
-  base = config.optimizer.learning_rate
+  base, end = config.optimizer.learning_rate, config.end_learning_rate
   warmup = config.warmup_steps
   decay_steps = max(1, config.total_steps - warmup)
   if config.schedule == 'constant':
     decay = optax.constant_schedule(base)
   elif config.schedule == 'poly':
-    decay = optax.polynomial_schedule(base, 0.0, config.poly_power, decay_steps)
+    decay = optax.polynomial_schedule(base, end, config.poly_power, decay_steps)
   elif config.schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(base, decay_steps)
+    decay = optax.cosine_decay_schedule(base, decay_steps, alpha=end / base)
   else:
     raise ConfigError(f'unknown schedule {config.schedule!r}; valid: {", ".join(SCHEDULES)}')
   if not warmup:

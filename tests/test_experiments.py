@@ -3,6 +3,7 @@ import glob
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 from segjax import configs
@@ -13,11 +14,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, 'experiments', '**', '*.py'), recursive=True))
 
 
-def load_get_config(path):
+def load_module(path):
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config
+  return module
+
+
+def load_get_config(path):
+  return load_module(path).get_config
+
+
+RECIPES = [(path, name) for path in EXPERIMENTS
+           for name in getattr(load_module(path), 'RECIPES', {})]
+
+
+def shrink_to_shapes(config, data_dir):
+  """`config` on a tiny embedded dataset, 32x32 crops and batches of 2; the model unchanged."""
+  config.dataset.update(name='shapes', data_dir=str(data_dir), image_size=32, num_train=24,
+                        num_validation=10, num_threads=0, mean=(0.5,) * 3, std=(0.25,) * 3)
+  config.batch_size = config.eval_batch_size = 2
+  return config
+
+
+def train_one_step(config, workdir):
+  experiment = train.Experiment(config, workdir)
+  batch = parallel.to_global(next(experiment.train_batches(0)), experiment.mesh)
+  state, metrics = experiment.train_step(experiment.initial_state, batch,
+                                         experiment.train_rng)
+  assert int(state.step) == 1 and np.isfinite(float(metrics['loss']))
+  return metrics
 
 
 def test_every_experiment_is_found():
@@ -33,11 +59,31 @@ def test_experiment_trains_one_step(path, data_dir, tmp_path):
   config.dataset.update(data_dir=str(data_dir), num_train=24, num_validation=10,
                         num_threads=0)
   config.batch_size = config.eval_batch_size = 2
-  experiment = train.Experiment(config, str(tmp_path))
-  batch = parallel.to_global(next(experiment.train_batches(0)), experiment.mesh)
-  state, metrics = experiment.train_step(experiment.initial_state, batch,
-                                         experiment.train_rng)
-  assert int(state.step) == 1 and float(metrics['loss']) > 0
+  assert float(train_one_step(config, str(tmp_path))['loss']) > 0
+
+
+@pytest.mark.parametrize('path,name', RECIPES,
+                         ids=[f'{os.path.basename(p)[:-3]}:{n}' for p, n in RECIPES])
+def test_published_recipe_is_complete_and_valid(path, name):
+  module = load_module(path)
+  config = module.get_config(name)
+  assert config.to_dict() == module.get_config(module.RECIPES[name]).to_dict()
+  configs.validate(config)
+  # A published recipe trains a real dataset with its own optimisation settings.
+  assert config.dataset.name != 'shapes'
+  assert config.total_steps >= 10_000 and config.batch_size >= 8
+  assert config.dataset.mean != configs.base_config().dataset.mean
+  crop = config.dataset.image_size
+  assert min(crop if isinstance(crop, (tuple, list)) else (crop,)) >= 224
+  assert name in module.__doc__, f'{name}: the docstring must name its source and mIoU'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path,name', RECIPES,
+                         ids=[f'{os.path.basename(p)[:-3]}:{n}' for p, n in RECIPES])
+def test_published_recipe_trains_one_step_at_tiny_size(path, name, data_dir, tmp_path):
+  config = shrink_to_shapes(load_module(path).get_config(name), data_dir)
+  train_one_step(config, str(tmp_path))
 
 
 def test_variant_arguments_are_parsed_and_checked():

@@ -108,6 +108,7 @@ class Model(nn.Module):
   """DeepLab v3 / v3+. Fields are checked at construction (ValueError naming the fix).
 
   `variant`: 'v3' or 'v3plus'; `backbone_depth`: ResNet depth (18, 34, 50, 101);
+  `backbone_width`: the ResNet's base width (64 as published; published weights need 64);
   `output_stride`: 8 or 16; `multi_grid`: rate multipliers of the last stage's blocks;
   `aspp_rates`: () for the paper's rates at `output_stride`, other rates only with
   `allow_custom_rates`; `aspp_features`, `low_level_features`, `decoder_features`: widths
@@ -117,6 +118,7 @@ class Model(nn.Module):
   num_classes: int
   variant: str = 'v3plus'
   backbone_depth: int = 50
+  backbone_width: int = 64
   output_stride: int = 16
   multi_grid: tuple = (1, 2, 4)
   aspp_rates: tuple = ()
@@ -135,14 +137,19 @@ class Model(nn.Module):
     if self.backbone_depth not in resnet.DEPTHS:
       raise ValueError(f'backbone_depth must be one of {sorted(resnet.DEPTHS)}, '
                        f'got {self.backbone_depth!r}')
-    resnet.check_config(self.backbone_depth, self.output_stride, tuple(self.multi_grid))
+    resnet.check_config(self.backbone_depth, self.output_stride, tuple(self.multi_grid),
+                        self.backbone_width)
     super().__post_init__()
+
+  def backbone_module(self):
+    """The module converting this model's backbone weights (torchvision ResNet layout)."""
+    return resnet
 
   @nn.compact
   def __call__(self, images, *, train):
     """images [B, H, W, C] -> logits [B, H, W, num_classes] (float32)."""
     features = resnet.ResNet(depth=self.backbone_depth, output_stride=self.output_stride,
-                             multi_grid=tuple(self.multi_grid), frozen_bn=self.frozen_bn,
+                             width=self.backbone_width, multi_grid=tuple(self.multi_grid), frozen_bn=self.frozen_bn,
                              dtype=self.dtype, name='backbone')(images, train=train)
     rates = aspp_rates_for(self.output_stride, self.aspp_rates, self.allow_custom_rates)
     x = ASPP(rates, self.aspp_features, self.dropout, self.frozen_bn, self.dtype,

@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from segjax.models import torch_layout
 from segjax.models.layers import batch_norm
 
 DEPTHS = {  # depth -> (block kind, blocks per stage)
@@ -37,15 +38,16 @@ DEPTHS = {  # depth -> (block kind, blocks per stage)
     101: ('bottleneck', (3, 4, 23, 3)),
 }
 OUTPUT_STRIDES = (8, 16, 32)
-WIDTHS = (64, 128, 256, 512)
 EXPANSION = {'basic': 1, 'bottleneck': 4}
 
 # torchvision's initialisation: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def check_config(depth, output_stride, multi_grid=(1,)):
+def check_config(depth, output_stride, multi_grid=(1,), width=64):
   """Raises ValueError naming the valid values if a ResNet field is out of range."""
+  if int(width) != width or width < 1:
+    raise ValueError(f'ResNet width must be a positive int (64 as published), got {width!r}')
   if depth not in DEPTHS:
     raise ValueError(f'ResNet depth must be one of {sorted(DEPTHS)}, got {depth!r}')
   if output_stride not in OUTPUT_STRIDES:
@@ -76,11 +78,17 @@ def block_rates(stage_rate, num_blocks, multi_grid=(1,)):
   return tuple(stage_rate * multi_grid[i % len(multi_grid)] for i in range(num_blocks))
 
 
-def stage_channels(depth):
+def stage_widths(width=64):
+  """Base widths of stages 1-4: `width` (64 in the paper) doubled at each stage."""
+  return tuple(width * 2**stage for stage in range(4))
+
+
+def stage_channels(depth, width=64):
   """Channels of the features {'stem', 'stage1', ..., 'stage4'} of a ResNet of `depth`."""
   kind, _ = DEPTHS[depth]
-  channels = {'stem': 64}
-  channels.update({f'stage{i + 1}': w * EXPANSION[kind] for i, w in enumerate(WIDTHS)})
+  channels = {'stem': width}
+  channels.update({f'stage{i + 1}': w * EXPANSION[kind]
+                   for i, w in enumerate(stage_widths(width))})
   return channels
 
 
@@ -158,32 +166,33 @@ class ResNet(nn.Module):
   """
   depth: int = 50
   output_stride: int = 32
+  width: int = 64
   multi_grid: tuple = (1, 1, 1)
   frozen_bn: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    check_config(self.depth, self.output_stride, tuple(self.multi_grid))
+    check_config(self.depth, self.output_stride, tuple(self.multi_grid), self.width)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, images, *, train):
     """images [B, H, W, C] -> {'stem', 'stage1', ..., 'stage4'}: features [B, h, w, C_k].
 
-    'stem' and 'stage1' are at stride 4 (64 and 64 or 256 channels); stages 2-4 at
-    strides 8, 16, 32 (capped at `output_stride`) with 128, 256, 512 channels (x4 for
+    'stem' and 'stage1' are at stride 4 (64 and 64 or 256 channels at `width` 64); stages
+    2-4 at strides 8, 16, 32 (capped at `output_stride`) with 128, 256, 512 channels (x4 for
     bottleneck), as in torchvision for H and W divisible by 32.
     """
     kind, blocks_per_stage = DEPTHS[self.depth]
     block = BLOCKS[kind]
     use_running_average = not train or self.frozen_bn
-    x = _conv(64, 7, 'conv1', strides=2, dtype=self.dtype)(images.astype(self.dtype))
+    x = _conv(self.width, 7, 'conv1', strides=2, dtype=self.dtype)(images.astype(self.dtype))
     x = nn.relu(batch_norm(use_running_average, self.dtype, 'bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features = {'stem': x}
     stages = stage_strides_and_rates(self.output_stride)
     for stage, (width, num_blocks, (stride, rate)) in enumerate(
-        zip(WIDTHS, blocks_per_stage, stages)):
+        zip(stage_widths(self.width), blocks_per_stage, stages)):
       grid = tuple(self.multi_grid) if stage == 3 else (1,)
       for i, block_rate in enumerate(block_rates(rate, num_blocks, grid)):
         x = block(width, strides=stride if i == 0 else 1, rate=block_rate,
@@ -191,3 +200,25 @@ class ResNet(nn.Module):
                   name=f'layer{stage + 1}_{i}')(x)
       features[f'stage{stage + 1}'] = x
     return features
+
+
+# ---------------------------------------------------------------------------- torchvision weights
+
+UNUSED_KEYS = ('fc.',)  # the ImageNet classifier
+RESIZABLE_KEYS = ()
+
+
+def _torch_module_name(path):
+  """('layer2_0', 'downsample_conv') -> 'layer2.0.downsample.0' (torchvision's naming)."""
+  names = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
+  return '.'.join(names.get(p, p.replace('_', '.')) for p in path)
+
+
+def to_torch(variables):
+  """Backbone variables -> torchvision `resnet*` state dict (without `fc`) as numpy arrays."""
+  return torch_layout.to_torch(variables, _torch_module_name)
+
+
+def from_torch(state, like):
+  """torchvision `resnet*` state dict -> backbone variables shaped like `like`."""
+  return torch_layout.from_torch(state, like, _torch_module_name)

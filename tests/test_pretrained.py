@@ -1,0 +1,205 @@
+"""Backbone weights from torchvision / timm files: numerics, name checks, errors.
+
+The reference is an independent ResNet forward pass written with torch.nn.functional on a
+state dict in torchvision's naming (random weights, since nothing may be downloaded): the
+flax ResNet loaded from the same file must give the same features.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from safetensors import numpy as safetensors_numpy
+
+from segjax import configs
+from segjax import pretrained
+from segjax.errors import ConfigError
+from segjax.models import deeplab
+from segjax.models import resnet
+
+torch = pytest.importorskip('torch')
+F = torch.nn.functional
+
+BLOCKS = {18: ('basic', (2, 2, 2, 2)), 50: ('bottleneck', (3, 4, 6, 3))}
+
+
+def torchvision_state_dict(depth, seed=0):
+  """Random weights under torchvision's resnet{depth} keys and shapes (fc included)."""
+  gen = torch.Generator().manual_seed(seed)
+  state = {}
+
+  def conv(name, out_c, in_c, k):
+    std = (2.0 / (in_c * k * k)) ** 0.5
+    state[f'{name}.weight'] = torch.randn(out_c, in_c, k, k, generator=gen) * std
+
+  def bn(name, c):
+    state[f'{name}.weight'] = 1 + 0.1 * torch.randn(c, generator=gen)
+    state[f'{name}.bias'] = 0.1 * torch.randn(c, generator=gen)
+    state[f'{name}.running_mean'] = 0.1 * torch.randn(c, generator=gen)
+    state[f'{name}.running_var'] = 0.5 + torch.rand(c, generator=gen)
+    state[f'{name}.num_batches_tracked'] = torch.tensor(100)
+
+  conv('conv1', 64, 3, 7)
+  bn('bn1', 64)
+  kind, counts = BLOCKS[depth]
+  expansion = 4 if kind == 'bottleneck' else 1
+  in_c = 64
+  for stage, (width, count) in enumerate(zip((64, 128, 256, 512), counts), start=1):
+    for i in range(count):
+      p = f'layer{stage}.{i}'
+      if kind == 'basic':
+        conv(f'{p}.conv1', width, in_c, 3), bn(f'{p}.bn1', width)
+        conv(f'{p}.conv2', width, width, 3), bn(f'{p}.bn2', width)
+      else:
+        conv(f'{p}.conv1', width, in_c, 1), bn(f'{p}.bn1', width)
+        conv(f'{p}.conv2', width, width, 3), bn(f'{p}.bn2', width)
+        conv(f'{p}.conv3', width * 4, width, 1), bn(f'{p}.bn3', width * 4)
+      if i == 0 and (stage > 1 or in_c != width * expansion):
+        conv(f'{p}.downsample.0', width * expansion, in_c, 1)
+        bn(f'{p}.downsample.1', width * expansion)
+      in_c = width * expansion
+  state['fc.weight'] = torch.randn(1000, in_c, generator=gen) * 0.01
+  state['fc.bias'] = torch.zeros(1000)
+  return state
+
+
+def torchvision_forward(state, images, depth):
+  """torchvision's ResNet forward (eval mode) -> {'stem', 'stage1'..'stage4'} NCHW tensors."""
+  def bn(x, name):
+    return F.batch_norm(x, state[f'{name}.running_mean'], state[f'{name}.running_var'],
+                        state[f'{name}.weight'], state[f'{name}.bias'], False, 0.0, 1e-5)
+
+  def conv(x, name, stride):
+    w = state[f'{name}.weight']
+    return F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2)
+
+  kind, counts = BLOCKS[depth]
+  x = F.max_pool2d(F.relu(bn(conv(images, 'conv1', 2), 'bn1')), 3, 2, 1)
+  out = {'stem': x}
+  for stage, count in enumerate(counts, start=1):
+    for i in range(count):
+      p, stride = f'layer{stage}.{i}', 2 if stage > 1 and i == 0 else 1
+      if kind == 'basic':
+        y = F.relu(bn(conv(x, f'{p}.conv1', stride), f'{p}.bn1'))
+        y = bn(conv(y, f'{p}.conv2', 1), f'{p}.bn2')
+      else:
+        y = F.relu(bn(conv(x, f'{p}.conv1', 1), f'{p}.bn1'))
+        y = F.relu(bn(conv(y, f'{p}.conv2', stride), f'{p}.bn2'))
+        y = bn(conv(y, f'{p}.conv3', 1), f'{p}.bn3')
+      if f'{p}.downsample.0.weight' in state:
+        x = bn(conv(x, f'{p}.downsample.0', stride), f'{p}.downsample.1')
+      x = F.relu(y + x)
+    out[f'stage{stage}'] = x
+  return out
+
+
+def small_deeplab(depth=18, width=64):
+  return deeplab.Model(num_classes=3, variant='v3', backbone_depth=depth, backbone_width=width,
+                       aspp_features=8, output_stride=16)
+
+
+@functools.lru_cache(maxsize=None)
+def init_variables(depth=18, width=64, seed=0):
+  model = small_deeplab(depth, width)
+  return jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(seed), jnp.zeros((1, 64, 64, 3)))
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_torchvision_file_gives_torchvision_features(depth, tmp_path):
+  state = torchvision_state_dict(depth)
+  path = str(tmp_path / f'resnet{depth}.pth')
+  torch.save(state, path)
+  model = small_deeplab(depth)
+  variables = init_variables(depth)
+  loaded = pretrained.load_backbone(path, model, jax.device_get(variables))
+
+  images = np.random.default_rng(0).normal(size=(2, 64, 96, 3)).astype(np.float32)
+  backbone = {c: loaded[c]['backbone'] for c in ('params', 'batch_stats')}
+  ours = jax.jit(functools.partial(resnet.ResNet(depth=depth).apply, train=False))(
+      backbone, images)
+  with torch.no_grad():
+    theirs = torchvision_forward(state, torch.from_numpy(images.transpose(0, 3, 1, 2)), depth)
+  for name, expected in theirs.items():
+    expected = expected.numpy().transpose(0, 2, 3, 1)
+    # float32 sums in another order: errors grow with depth, relative to the feature scale.
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(np.asarray(ours[name]) / scale, expected / scale, atol=3e-5,
+                               err_msg=name)
+  # Heads keep their fresh initialisation.
+  np.testing.assert_array_equal(loaded['params']['aspp']['conv1x1']['Conv_0']['kernel'],
+                                variables['params']['aspp']['conv1x1']['Conv_0']['kernel'])
+
+
+def test_safetensors_round_trip_gives_identical_outputs(tmp_path):
+  source = jax.device_get(init_variables(seed=1))
+  path = str(tmp_path / 'backbone.safetensors')
+  backbone = {c: source[c]['backbone'] for c in ('params', 'batch_stats')}
+  safetensors_numpy.save_file(resnet.to_torch(backbone), path)
+  model = small_deeplab()
+  loaded = pretrained.load_backbone(path, model, jax.device_get(init_variables(seed=2)))
+  for collection in ('params', 'batch_stats'):
+    jax.tree.map(np.testing.assert_array_equal, loaded[collection]['backbone'],
+                 source[collection]['backbone'])
+  images = np.random.default_rng(1).normal(size=(1, 64, 64, 3)).astype(np.float32)
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  expected = apply({'params': {**loaded['params'], 'aspp': source['params']['aspp'],
+                               'classifier': source['params']['classifier']},
+                    'batch_stats': {**loaded['batch_stats'],
+                                    'aspp': source['batch_stats']['aspp']}}, images)
+  np.testing.assert_array_equal(expected, apply(source, images))
+
+
+def test_wrong_file_is_refused_with_the_keys(tmp_path):
+  variables = jax.device_get(init_variables())
+  model = small_deeplab()
+  state = {k: v.numpy() for k, v in torchvision_state_dict(50).items()}
+  path = str(tmp_path / 'resnet50.safetensors')
+  safetensors_numpy.save_file(state, path)
+  with pytest.raises(ConfigError) as error:
+    pretrained.load_backbone(path, model, variables)
+  message = str(error.value)
+  assert 'does not fit the backbone' in message
+  assert 'unexpected keys (' in message and 'layer1.0.conv3.weight' in message
+  assert 'mis-shaped keys (' in message
+  assert 'layer1.0.conv1.weight (64, 64, 1, 1) (model: (64, 64, 3, 3))' in message
+  # Classifier and counters are skipped silently; a missing key is named.
+  state = {k: v.numpy() for k, v in torchvision_state_dict(18).items()}
+  del state['layer4.1.bn2.running_var']
+  safetensors_numpy.save_file(state, path)
+  with pytest.raises(ConfigError, match=r'missing keys \(1\): layer4.1.bn2.running_var$'):
+    pretrained.load_backbone(path, model, variables)
+
+
+@pytest.mark.parametrize('name,content,message', [
+    ('garbage.pth', b'not a checkpoint', "cannot read init_from '.*garbage.pth' .corrupt"),
+    ('garbage.safetensors', b'\x00' * 16, 'cannot read init_from'),
+    ('weights.h5', b'', 'unknown format; expected .safetensors'),
+])
+def test_unreadable_files_are_refused(tmp_path, name, content, message):
+  path = tmp_path / name
+  path.write_bytes(content)
+  with pytest.raises(ConfigError, match=message):
+    pretrained.read_state_dict(str(path))
+
+
+def test_wrapped_and_data_parallel_checkpoints_are_unwrapped(tmp_path):
+  state = {'module.conv1.weight': torch.ones(2, 3, 1, 1)}
+  path = str(tmp_path / 'ckpt.pth')
+  torch.save({'state_dict': state, 'epoch': 3}, path)
+  assert list(pretrained.read_state_dict(path)) == ['conv1.weight']
+
+
+def test_config_validation_checks_init_from(tmp_path):
+  config = configs.base_config()
+  config.model = ml_collections.ConfigDict({'name': 'deeplab', 'backbone_depth': 18})
+  config.init_from = str(tmp_path / 'missing.pth')
+  with pytest.raises(ConfigError, match="init_from file '.*missing.pth' does not exist"):
+    configs.validate(config)
+  config.init_from = str(tmp_path / 'exists.pth')
+  (tmp_path / 'exists.pth').write_bytes(b'')
+  config.model = ml_collections.ConfigDict({'name': 'unet'})
+  with pytest.raises(ConfigError, match="model 'unet' .*cannot start from published"):
+    configs.validate(config)
