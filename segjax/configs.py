@@ -11,6 +11,7 @@ import jax
 import ml_collections
 
 from segjax import data as data_lib
+from segjax import losses
 from segjax import models as models_lib
 from segjax import optim
 from segjax.models import resnet
@@ -76,9 +77,25 @@ def base_config():
   config.weight_decay = 0.0
   config.grad_clip_norm = 0.0  # 0 disables clipping
 
+  # The loss is a weighted sum of terms (segjax/losses.py): (name, weight) pairs, e.g.
+  # --config.loss.terms="(('cross_entropy', 1.0), ('dice', 0.5))". Names: cross_entropy,
+  # ohem_cross_entropy, dice, focal, lovasz_softmax.
   config.loss = ml_collections.ConfigDict()
-  config.loss.class_weights = ()  # empty: unweighted; else one weight per class
-  config.loss.aux_weight = 0.4  # of the auxiliary head's loss, for models that have one
+  config.loss.terms = (('cross_entropy', 1.0),)
+  # Class weights of the cross-entropy terms: a fixed tuple, one per class (empty: none), or
+  # computed at start from the labels of the first `class_weighting_batches` training batches
+  # (augmented crops): 'none', 'inverse_frequency' or 'median_frequency' (Eigen & Fergus).
+  config.loss.class_weights = ()
+  config.loss.class_weighting = 'none'
+  config.loss.class_weighting_batches = 50
+  config.loss.label_smoothing = 0.0  # cross-entropy terms: target (1 - eps) one-hot + eps / C
+  config.loss.ohem_thresh = 0.7  # ohem: keep pixels whose true-class probability is below,
+  config.loss.ohem_min_kept = 100000  # and at least this many hardest pixels per image
+  config.loss.focal_gamma = 2.0
+  config.loss.focal_alpha = ()  # focal: empty, or one weight per class
+  config.loss.lovasz_per_image = False  # lovasz_softmax: mean of per-image losses
+  # Weight of the auxiliary head's loss (the same terms), for models that have one.
+  config.loss.aux_weight = 0.4
   return config
 
 
@@ -122,6 +139,47 @@ def _is_size(value):
              for side in sides)
 
 
+def _is_number(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_loss(loss, spec):
+  """Refuses unknown loss terms and impossible loss options; `spec` gives the classes."""
+  terms = loss.terms
+  _require(isinstance(terms, (tuple, list)) and terms and all(
+      isinstance(term, (tuple, list)) and len(term) == 2 and isinstance(term[0], str)
+      and _is_number(term[1]) for term in terms),
+           f'loss.terms must be (name, weight) pairs, e.g. '
+           f"(('cross_entropy', 1.0), ('dice', 0.5)); got {terms!r}")
+  for name, weight in terms:
+    _require(name in losses.LOSSES,
+             f'unknown loss term {name!r} in loss.terms; valid: {", ".join(losses.LOSSES)}')
+    _require(weight > 0, f'loss term {name!r} has weight {weight}; weights must be positive')
+  names = [name for name, _ in terms]
+  _require(len(set(names)) == len(names), f'loss.terms names a term twice: {names}')
+  _require(loss.class_weighting in losses.CLASS_WEIGHTINGS,
+           f'unknown loss.class_weighting {loss.class_weighting!r}; valid: '
+           f'{", ".join(losses.CLASS_WEIGHTINGS)}')
+  _require(not (loss.class_weights and loss.class_weighting != 'none'),
+           'set either loss.class_weights or loss.class_weighting, not both')
+  for field in ('class_weights', 'focal_alpha'):
+    values = loss[field]
+    _require(not values or len(values) == spec.num_classes,
+             f'loss.{field} has {len(values)} values; dataset {spec.name!r} has '
+             f'{spec.num_classes} classes')
+    _require(all(_is_number(v) and v >= 0 for v in values),
+             f'loss.{field} must be non-negative numbers, got {values!r}')
+  _require(loss.class_weighting_batches > 0, 'loss.class_weighting_batches must be positive')
+  _require(0 <= loss.label_smoothing < 1,
+           f'loss.label_smoothing must be in [0, 1), got {loss.label_smoothing}')
+  _require(0 < loss.ohem_thresh <= 1,
+           f'loss.ohem_thresh must be in (0, 1], got {loss.ohem_thresh}')
+  _require(loss.ohem_min_kept >= 0,
+           f'loss.ohem_min_kept must be >= 0, got {loss.ohem_min_kept}')
+  _require(loss.focal_gamma >= 0, f'loss.focal_gamma must be >= 0, got {loss.focal_gamma}')
+  _require(loss.aux_weight >= 0, f'loss.aux_weight must be >= 0, got {loss.aux_weight}')
+
+
 def validate(config):
   """Refuses unknown names and impossible values before anything is built or compiled."""
   model = models_lib.get_model(config.model, num_classes=2)  # name and fields
@@ -156,10 +214,7 @@ def validate(config):
            f'warmup_steps ({config.warmup_steps}) must be in [0, total_steps)')
   _require(len(config.dataset.mean) == len(config.dataset.std),
            'dataset.mean and dataset.std need one value per input channel')
-  weights = config.loss.class_weights
-  _require(not weights or len(weights) == spec.num_classes,
-           f'loss.class_weights has {len(weights)} values; dataset {spec.name!r} has '
-           f'{spec.num_classes} classes')
+  _validate_loss(config.loss, spec)
   devices = jax.device_count()
   for field in ('batch_size', 'eval_batch_size'):
     _require(config[field] % devices == 0,

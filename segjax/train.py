@@ -5,6 +5,7 @@ evaluates, logs and checkpoints. Rerunning with the same workdir resumes from th
 checkpoint; SIGTERM or Ctrl-C saves a checkpoint before exiting.
 """
 import functools
+import itertools
 import os
 import signal
 import tempfile
@@ -53,35 +54,36 @@ def create_train_state(rng, model, config, input_shape):
       tx=optim.create_optimizer(config))
 
 
-def train_step(state, batch, rng, *, ignore_label, class_weights, aux_loss_weight,
-               learning_rate_fn):
+def train_step(state, batch, rng, *, pixel_loss, aux_loss_weight, learning_rate_fn):
   """One optimisation step on a global batch -> (new state, scalar metrics).
 
   batch: `image` float32 [B, H, W, C], `label` int32 [B, H, W]. BatchNorm statistics are
   computed over the whole global batch (the mesh makes the reduction global under jit).
+  pixel_loss: `(logits, labels) -> (loss, {term name: value})`, from `losses.make_loss`.
   A model with an auxiliary head sows its logits [B, H, W, C] as 'aux_logits' in
-  'intermediates'; their cross-entropy is added with weight `aux_loss_weight`.
+  'intermediates'; their loss is added with weight `aux_loss_weight`.
+  Metrics: 'loss', 'grad_norm', 'learning_rate', '<term>_loss' for each term of the main
+  head's loss when there are several, and 'main_loss', 'aux_loss' with an auxiliary head.
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  ce = functools.partial(losses.cross_entropy, labels=batch['label'],
-                         ignore_label=ignore_label, class_weights=class_weights)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
         mutable=['batch_stats', 'intermediates'], rngs={'dropout': step_rng})
-    loss = ce(logits)
-    terms = {}  # the parts of the loss, logged when there is more than one
+    loss, terms = pixel_loss(logits, batch['label'])
+    parts = {f'{name}_loss': value for name, value in terms.items()} if len(terms) > 1 else {}
     aux_logits = updates.get('intermediates', {}).get('aux_logits', ())
     if aux_logits:
-      terms = {'main_loss': loss, 'aux_loss': sum(ce(aux) for aux in aux_logits)}
-      loss = loss + aux_loss_weight * terms['aux_loss']
-    return loss, (updates.get('batch_stats', state.batch_stats), terms)
+      aux_loss = sum(pixel_loss(aux, batch['label'])[0] for aux in aux_logits)
+      parts.update(main_loss=loss, aux_loss=aux_loss)
+      loss = loss + aux_loss_weight * aux_loss
+    return loss, (updates.get('batch_stats', state.batch_stats), parts)
 
-  (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  (loss, (batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return new_state, {'loss': loss, **terms, 'grad_norm': optax.tree.norm(grads),
+  return new_state, {'loss': loss, **parts, 'grad_norm': optax.tree.norm(grads),
                      'learning_rate': learning_rate_fn(state.step)}
 
 
@@ -103,6 +105,24 @@ def _with_pretrained_backbone(state, path, model, sharding):
   variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   loaded = jax.device_put(pretrained.load_backbone(path, model, variables), sharding)
   return state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'])
+
+
+def loss_class_weights(config, spec, train_source):
+  """The cross-entropy class weights: config.loss.class_weights (None if empty), or computed
+  from the labels of the first loss.class_weighting_batches training batches, augmented as
+  in training; every process reads the same batches, so all get the same weights."""
+  loss = config.loss
+  if loss.class_weighting == 'none':
+    return tuple(loss.class_weights) or None
+  batches = pipeline.train_batches(train_source, spec, config, start_step=0)
+  labels = (batch['label'] for batch in itertools.islice(batches, loss.class_weighting_batches))
+  counts = losses.count_label_pixels(labels, spec.num_classes, spec.ignore_label)
+  weights = tuple(losses.class_weights_from_counts(*counts, loss.class_weighting).tolist())
+  if jax.process_index() == 0:
+    print(f'{loss.class_weighting} class weights from {loss.class_weighting_batches} training '
+          'batches: ' + ', '.join(f'{name} {weight:.3g}'
+                                  for name, weight in zip(spec.class_names, weights)))
+  return weights
 
 
 class Experiment:
@@ -130,10 +150,11 @@ class Experiment:
       self.initial_state = _with_pretrained_backbone(self.initial_state, config.init_from,
                                                      self.model, replicated)
 
-    class_weights = tuple(config.loss.class_weights) or None
+    self.class_weights = loss_class_weights(config, self.spec, self.sources['train'])
+    pixel_loss = losses.make_loss(config.loss, ignore_label=self.spec.ignore_label,
+                                  class_weights=self.class_weights)
     step = functools.partial(
-        train_step, ignore_label=self.spec.ignore_label, class_weights=class_weights,
-        aux_loss_weight=config.loss.aux_weight,
+        train_step, pixel_loss=pixel_loss, aux_loss_weight=config.loss.aux_weight,
         learning_rate_fn=optim.learning_rate_schedule(config))
     self.train_step = jax.jit(
         step, in_shardings=(replicated, batch_sharding, replicated),

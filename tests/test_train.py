@@ -9,6 +9,7 @@ import pytest
 
 from segjax import checkpoint
 from segjax import configs
+from segjax import losses
 from segjax import models
 from segjax import optim
 from segjax import parallel
@@ -169,8 +170,10 @@ def test_auxiliary_head_loss_is_added_with_its_weight():
   state = train.TrainState.create(apply_fn=model.apply, params=variables['params'],
                                   batch_stats={}, tx=optax.sgd(0.0))
   _, metrics = train.train_step(
-      state, {'image': images, 'label': labels}, jax.random.key(1), ignore_label=255,
-      class_weights=None, aux_loss_weight=0.4, learning_rate_fn=lambda step: 0.0)
+      state, {'image': images, 'label': labels}, jax.random.key(1),
+      pixel_loss=losses.make_loss(configs.base_config().loss, ignore_label=255,
+                                  class_weights=None),
+      aux_loss_weight=0.4, learning_rate_fn=lambda step: 0.0)
   conv = lambda p: np.einsum('bhwc,cd->bhwd', images, p['kernel'][0, 0]) + p['bias']
   main = _numpy_cross_entropy(conv(variables['params']['main']), labels, 255)
   aux = _numpy_cross_entropy(conv(variables['params']['aux']), labels, 255)
