@@ -1,0 +1,311 @@
+"""Vision Transformer encoder (Dosovitskiy et al., 2021) in timm's `VisionTransformer` layout.
+
+Sizes (timm's vit_{tiny,small,base,large}_patch{16,8}_224): width D / depth / heads =
+tiny 192/12/3, small 384/12/6, base 768/12/12, large 1024/24/16; MLP ratio 4.
+
+images [B, H, W, C] -> patch embedding (a `patch_size` x `patch_size` convolution with
+stride `patch_size` and bias) -> tokens [B, h*w, D] with h = H / patch_size -> prepend the
+class token -> add learned position embeddings [1, 1 + h*w, D] -> dropout -> `depth`
+pre-norm blocks (x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))) -> final LayerNorm.
+Returns the patch tokens [B, h, w, D] (class token dropped): what the linear and the mask
+transformer decoders of `segjax.models.segmenter` read.
+
+Details as timm: LayerNorm epsilon 1e-6; attention is one qkv Dense of 3D outputs with bias
+(split as [3, heads, D / heads]), softmax(q k^T / sqrt(D / heads)) computed in float32, and
+an output Dense `proj`; the MLP is fc1 (4D), exact (erf) GELU, fc2. Stochastic depth
+(drop path) rates grow linearly from 0 in the first block to `drop_path_rate` in the last;
+it drops whole residual branches per example, draws from the 'dropout' rng, and acts only
+when training. `dropout` (as Segmenter's encoder) applies after the position embedding, to
+the attention weights and after the attention projection, fc1's activation and fc2.
+
+Position embeddings are stored for the square grid of `pretrained_image_size` (224 ->
+14 x 14 at patch 16), as in the published checkpoints. An input of another grid uses them
+resampled as timm's `resample_abs_pos_embed` does: the class token's embedding is kept and
+the grid part is resized bicubically with antialiasing (Keys' a = -0.5, weights
+renormalised at the borders; what PyTorch's `interpolate(mode='bicubic', antialias=True)`
+and PIL compute).
+
+Published weights: timm's safetensors files on the Hugging Face hub, downloaded by the user,
+e.g. `timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k` -> model.safetensors (also small,
+base, large; `vit_base_patch8_224.augreg_in21k_ft_in1k`; the `_384` variants with
+`pretrained_image_size=384`). They expect images normalised with mean = std = (0.5, 0.5,
+0.5). `to_torch` / `from_torch` convert between these state dicts and flax variables:
+
+  timm key                          flax path (variables['params'])   layout change
+  cls_token                         cls_token                         [1, 1, D]
+  pos_embed                         pos_embed                         [1, 1 + N, D]
+  patch_embed.proj.weight           patch_embed/proj/kernel           (D, C, p, p) -> (p, p, C, D)
+  patch_embed.proj.bias             patch_embed/proj/bias
+  blocks.{i}.norm1.{weight,bias}    blocks_{i}/norm1/{scale,bias}
+  blocks.{i}.attn.qkv.weight        blocks_{i}/attn/qkv/kernel        (3D, D) -> (D, 3D)
+  blocks.{i}.attn.qkv.bias          blocks_{i}/attn/qkv/bias          [3D]
+  blocks.{i}.attn.proj.*            blocks_{i}/attn/proj/*            (D, D) -> transposed
+  blocks.{i}.norm2.{weight,bias}    blocks_{i}/norm2/{scale,bias}
+  blocks.{i}.mlp.fc1.*              blocks_{i}/mlp/fc1/*              (4D, D) -> (D, 4D)
+  blocks.{i}.mlp.fc2.*              blocks_{i}/mlp/fc2/*              (D, 4D) -> (4D, D)
+  norm.{weight,bias}                norm/{scale,bias}
+
+The classifier `head.*` (and the `pre_logits.*` representation layer of old in21k files) is
+not used. `from_torch` resamples `pos_embed` when the checkpoint's grid differs from the
+model's (a 224 checkpoint into a model with `pretrained_image_size=512`).
+"""
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SIZES = {  # size -> (width D, depth, heads)
+    'tiny': (192, 12, 3),
+    'small': (384, 12, 6),
+    'base': (768, 12, 12),
+    'large': (1024, 24, 16),
+}
+PATCH_SIZES = (8, 16)
+MLP_RATIO = 4
+EPSILON = 1e-6  # timm's LayerNorm epsilon for ViT
+
+UNUSED_KEYS = ('head.', 'pre_logits.')
+RESIZABLE_KEYS = ('pos_embed',)
+
+dense_init = nn.initializers.truncated_normal(0.02)  # std 0.02, as timm initialises Linear
+
+
+def check_config(size, patch_size, pretrained_image_size=224, depth=0):
+  """Raises ValueError naming the valid values if a ViT field is out of range."""
+  if size not in SIZES:
+    raise ValueError(f'ViT size must be one of {tuple(SIZES)}, got {size!r}')
+  if patch_size not in PATCH_SIZES:
+    raise ValueError(f'ViT patch_size must be one of {PATCH_SIZES} (the published patch '
+                     f'sizes), got {patch_size!r}')
+  if pretrained_image_size <= 0 or pretrained_image_size % patch_size:
+    raise ValueError(f'pretrained_image_size must be a positive multiple of patch_size '
+                     f'{patch_size}, got {pretrained_image_size!r} (224 or 384 for the '
+                     'published checkpoints)')
+  if int(depth) != depth or depth < 0:
+    raise ValueError(f'ViT depth must be 0 (the size\'s {SIZES[size][1]} blocks) or a '
+                     f'positive number of blocks, got {depth!r}')
+
+
+def drop_path_rates(rate, depth):
+  """Stochastic depth rate of each block: linear from 0 to `rate` (timm's rule)."""
+  return tuple(float(r) for r in np.linspace(0.0, rate, depth))
+
+
+def resample_pos_embed(pos_embed, grid):
+  """Position embeddings [1, 1 + n*n, D] for an n x n grid -> [1, 1 + h*w, D], grid = (h, w).
+
+  The class token's embedding (first) is kept; the grid part is resized bicubically with
+  antialiasing, as timm's `resample_abs_pos_embed`. Returns `pos_embed` itself when the
+  grid is unchanged.
+  """
+  num_grid = pos_embed.shape[1] - 1
+  side = math.isqrt(num_grid)
+  if side * side != num_grid:
+    raise ValueError(f'pos_embed of {num_grid} grid tokens is not a square grid')
+  if tuple(grid) == (side, side):
+    return pos_embed
+  dim = pos_embed.shape[-1]
+  cls_embed, grid_embed = pos_embed[:, :1], pos_embed[:, 1:]
+  grid_embed = jax.image.resize(grid_embed.reshape(side, side, dim).astype(jnp.float32),
+                                (*grid, dim), method='bicubic', antialias=True)
+  grid_embed = grid_embed.reshape(1, grid[0] * grid[1], dim).astype(pos_embed.dtype)
+  return jnp.concatenate([cls_embed, grid_embed], axis=1)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zeroes a residual branch [B, ...] per example with probability `rate`,
+  scaling kept ones by 1 / (1 - rate); identity unless training with `rate` > 0.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with timm's fused qkv. [B, N, D] -> [B, N, D]."""
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    batch, length, dim = x.shape
+    head_dim = dim // self.num_heads
+    dense = functools.partial(nn.Dense, kernel_init=dense_init, dtype=self.dtype)
+    qkv = dense(3 * dim, name='qkv')(x).reshape(batch, length, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim ** -0.5, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, length, dim)
+    out = dense(dim, name='proj')(out)
+    return nn.Dropout(self.dropout, deterministic=not train)(out)
+
+
+class Mlp(nn.Module):
+  """fc1 (MLP_RATIO x wider), exact GELU, dropout, fc2, dropout. [B, N, D] -> [B, N, D]."""
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    dim = x.shape[-1]
+    dense = functools.partial(nn.Dense, kernel_init=dense_init, dtype=self.dtype)
+    x = nn.gelu(dense(MLP_RATIO * dim, name='fc1')(x), approximate=False)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = dense(dim, name='fc2')(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block (timm's `Block`). [B, N, D] -> [B, N, D].
+
+  `epsilon`: the LayerNorms' epsilon (timm's ViT 1e-6; Segmenter's decoder uses PyTorch's
+  default 1e-5).
+  """
+  num_heads: int
+  dropout: float = 0.0
+  drop_path: float = 0.0
+  epsilon: float = EPSILON
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    norm = functools.partial(nn.LayerNorm, epsilon=self.epsilon, dtype=self.dtype)
+    y = Attention(self.num_heads, self.dropout, self.dtype, name='attn')(
+        norm(name='norm1')(x), train=train)
+    x = x + DropPath(self.drop_path)(y, train=train)
+    y = Mlp(self.dropout, self.dtype, name='mlp')(norm(name='norm2')(x), train=train)
+    return x + DropPath(self.drop_path)(y, train=train)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches to tokens. [B, H, W, C] -> [B, H/p, W/p, features]."""
+  features: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    return nn.Conv(self.features, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                   kernel_init=nn.initializers.lecun_normal(), name='proj')(images)
+
+
+class ViT(nn.Module):
+  """ViT encoder returning patch tokens [B, H/p, W/p, D] (see the module docstring).
+
+  Fields: `size` in SIZES; `patch_size` in (8, 16); `pretrained_image_size`: side of the
+  square image the position embeddings are stored for (grid = side / patch_size);
+  `depth`: 0 for the size's depth, else that many blocks (then no published weights fit);
+  `drop_path_rate`: stochastic depth rate of the last block; `dropout`: see the module
+  docstring; `dtype`: compute dtype (parameters stay float32).
+  """
+  size: str = 'base'
+  patch_size: int = 16
+  pretrained_image_size: int = 224
+  depth: int = 0
+  drop_path_rate: float = 0.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    check_config(self.size, self.patch_size, self.pretrained_image_size, self.depth)
+    super().__post_init__()
+
+  @property
+  def num_blocks(self):
+    return self.depth or SIZES[self.size][1]
+
+  @nn.compact
+  def __call__(self, images, *, train):
+    """images [B, H, W, C] -> patch tokens [B, H/p, W/p, D] in `dtype`."""
+    p = self.patch_size
+    if images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(f'ViT with patch_size {p} needs image height and width divisible by '
+                       f'{p}, got {images.shape[1:3]}; resize or crop the images (e.g. '
+                       f'dataset.image_size a multiple of {p})')
+    width, _, heads = SIZES[self.size]
+    x = PatchEmbed(width, p, self.dtype, name='patch_embed')(images.astype(self.dtype))
+    batch, h, w, _ = x.shape
+    x = x.reshape(batch, h * w, width)
+    cls_token = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, width))
+    side = self.pretrained_image_size // p
+    pos_embed = self.param('pos_embed', dense_init, (1, 1 + side * side, width))
+    x = jnp.concatenate([jnp.broadcast_to(cls_token, (batch, 1, width)).astype(self.dtype), x],
+                        axis=1)
+    x = x + resample_pos_embed(pos_embed, (h, w)).astype(self.dtype)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
+      x = Block(heads, self.dropout, rate, dtype=self.dtype, name=f'blocks_{i}')(x, train=train)
+    x = nn.LayerNorm(epsilon=EPSILON, dtype=self.dtype, name='norm')(x)
+    return x[:, 1:].reshape(batch, h, w, width)
+
+
+# ---------------------------------------------------------------------------- timm weights
+
+def _torch_name(path):
+  """Flax path ('blocks_3', 'attn', 'qkv', 'kernel') -> timm key 'blocks.3.attn.qkv.weight'."""
+  *modules, leaf = path
+  modules = [m.replace('blocks_', 'blocks.') for m in modules]
+  leaf = {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)
+  return '.'.join(modules + [leaf])
+
+
+def _to_torch_layout(leaf_name, value):
+  if leaf_name != 'kernel':
+    return value
+  if value.ndim == 4:  # conv (kh, kw, I, O) -> (O, I, kh, kw)
+    return value.transpose(3, 2, 0, 1)
+  return value.T  # dense (I, O) -> (O, I)
+
+
+def _from_torch_layout(leaf_name, value):
+  if leaf_name != 'kernel':
+    return value
+  if value.ndim == 4:  # conv (O, I, kh, kw) -> (kh, kw, I, O)
+    return value.transpose(2, 3, 1, 0)
+  return value.T
+
+
+def _param_paths(params):
+  """[(path tuple, leaf)] of a nested params dict."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [(tuple(k.key for k in keys), leaf) for keys, leaf in flat]
+
+
+def to_torch(variables):
+  """ViT variables {'params': ...} -> timm state dict {key: numpy array} (module docstring)."""
+  return {_torch_name(path): np.asarray(_to_torch_layout(path[-1], np.asarray(value)))
+          for path, value in _param_paths(variables['params'])}
+
+
+def from_torch(state, like):
+  """timm state dict -> variables shaped like `like` ({'params': ...}; arrays or shapes).
+
+  `state` holds the keys `to_torch(like)` produces. `pos_embed` is resampled to the grid of
+  `like` when the checkpoint's grid differs; every other shape must already match.
+  """
+  def convert(keys, target):
+    path = tuple(k.key for k in keys)
+    value = np.asarray(state[_torch_name(path)])
+    if path == ('pos_embed',) and value.shape != tuple(target.shape):
+      side = math.isqrt(target.shape[1] - 1)
+      value = resample_pos_embed(jnp.asarray(value, jnp.float32), (side, side))
+    value = np.asarray(_from_torch_layout(path[-1], np.asarray(value)), np.float32)
+    if value.shape != tuple(target.shape):
+      raise ValueError(f'{_torch_name(path)}: checkpoint shape {value.shape} does not fit '
+                       f'the model\'s {tuple(target.shape)}')
+    return value
+
+  return {'params': jax.tree_util.tree_map_with_path(convert, like['params'])}
