@@ -53,6 +53,14 @@ SUITE = (
     ('DeepLab v3+ R101 OS16',
      'experiments/deeplab.py:backbone=resnet101,width=64',
      {'aspp_features': 256, 'low_level_features': 48, 'decoder_features': 256}),
+    ('Segmenter ViT-Ti/8 linear, 4 blocks (CPU default)', 'experiments/segmenter.py', {}),
+    ('Segmenter ViT-Ti/16 mask',
+     'experiments/segmenter.py:decoder=mask,patch_size=16,depth=0,pretrained_image_size=224',
+     {}),
+    ('Segmenter ViT-S/16 mask', 'experiments/segmenter.py:size=small,decoder=mask,'
+     'patch_size=16,depth=0,pretrained_image_size=224', {}),
+    ('Segmenter ViT-B/16 mask', 'experiments/segmenter.py:size=base,decoder=mask,'
+     'patch_size=16,depth=0,pretrained_image_size=224', {}),
 )
 
 

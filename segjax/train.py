@@ -12,7 +12,6 @@ import tempfile
 import time
 from typing import Any
 
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,7 @@ def create_train_state(rng, model, config, input_shape):
   variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
   return TrainState.create(
       apply_fn=model.apply, params=variables['params'],
-      batch_stats=variables.get('batch_stats', flax.core.FrozenDict()),
+      batch_stats=variables.get('batch_stats', {}),
       tx=optim.create_optimizer(config))
 
 
