@@ -103,27 +103,25 @@ def test_mmsegmentation_head_shapes():
 VGG16_WITHOUT_FC8 = 138_357_544 - (4096 * 1000 + 1000)  # torchvision's vgg16
 
 
-@pytest.mark.parametrize('variant,upsampling', [
-    ('32s', {'upscore32': 64}),
-    ('16s', {'upscore2': 4, 'upscore16': 32}),
-    ('8s', {'upscore2': 4, 'upscore_pool4': 4, 'upscore8': 16}),
+@pytest.mark.parametrize('variant,learned', [
+    ('32s', ()), ('16s', ('upscore2',)), ('8s', ('upscore2', 'upscore_pool4')),
 ])
-def test_vgg_fcn_has_the_reference_layers(variant, upsampling):
+def test_vgg_fcn_has_the_reference_layers(variant, learned):
   # The reference voc-fcn{32,16,8}s nets: VGG16 with fc6/fc7, score_fr 4096 -> 21,
-  # score_pool4 512 -> 21 and score_pool3 256 -> 21 (with bias), and bias-free 21 -> 21
-  # deconvolutions of kernel 2f.
+  # score_pool4 512 -> 21 and score_pool3 256 -> 21 (with bias), bias-free 21 -> 21 4x4
+  # deconvolutions between fusions, and a final deconvolution that the paper fixes to
+  # bilinear interpolation (so not a parameter here).
   model = fcn.Model(num_classes=21, backbone='vgg16', variant=variant)
   _, variables, features = traced_init(model)
   params = variables['params']
   scores = {'32s': ('score_fr',), '16s': ('score_fr', 'score_pool4'),
             '8s': ('score_fr', 'score_pool4', 'score_pool3')}[variant]
   channels = {'score_fr': 4096, 'score_pool4': 512, 'score_pool3': 256}
-  assert set(params) == {'backbone', *scores, *upsampling}
-  for name, kernel in upsampling.items():
-    assert params[name] == {'kernel': jax.ShapeDtypeStruct((kernel, kernel, 21, 21),
-                                                           jnp.float32)}
+  assert set(params) == {'backbone', *scores, *learned}
+  for name in learned:
+    assert params[name] == {'kernel': jax.ShapeDtypeStruct((4, 4, 21, 21), jnp.float32)}
   expected = (VGG16_WITHOUT_FC8 + sum(channels[s] * 21 + 21 for s in scores)
-              + sum(k * k * 21 * 21 for k in upsampling.values()))
+              + len(learned) * 4 * 4 * 21 * 21)
   assert num_params(params) == expected
   assert features['fc7'].shape == (1, 2, 2, 4096)
 
@@ -157,11 +155,15 @@ def test_bilinear_upsampling_takes_any_size_transposed_needs_multiples():
                     upsample='bilinear')
   logits, _, _ = traced_init(model, size=50)
   assert logits.shape == (1, 50, 50, 3)
-  with pytest.raises(ValueError, match=r"upsample='transposed' needs H and W divisible by "
-                                       r'32, got \(48, 48\)'):
+  with pytest.raises(ValueError, match=r"FCN-8s with upsample='transposed' needs H and W "
+                                       r'divisible by 32, got \(48, 48\)'):
     traced_init(model.clone(upsample='transposed'), size=48)
-  atrous = model.clone(variant='8s_atrous', upsample='transposed')
-  assert traced_init(atrous, size=48)[0].shape == (1, 48, 48, 3)
+  # No learned upsampling: the final one is fixed.
+  for variant in ('32s', '8s_atrous'):
+    logits, variables, _ = traced_init(model.clone(variant=variant, upsample='transposed'),
+                                       size=48)
+    assert logits.shape == (1, 48, 48, 3)
+    assert not any(k.startswith('upscore') for k in variables['params'])
 
 
 def test_published_dropout_rates():
@@ -269,9 +271,9 @@ def test_score_layers_start_at_zero_and_upsampling_at_bilinear(vgg_fcn8s):
   params = variables['params']
   for name in ('score_fr', 'score_pool4', 'score_pool3'):
     assert not np.any(params[name]['kernel']) and not np.any(params[name]['bias']), name
-  for name, factor in (('upscore2', 2), ('upscore_pool4', 2), ('upscore8', 8)):
+  for name in ('upscore2', 'upscore_pool4'):
     np.testing.assert_array_equal(params[name]['kernel'],
-                                  fcn.bilinear_init(factor)(None, (2 * factor,) * 2 + (5, 5)))
+                                  fcn.bilinear_init(2)(None, (4, 4, 5, 5)))
 
 
 def test_fusion_sums_upsampled_scores_and_transposed_starts_as_bilinear(vgg_fcn8s):

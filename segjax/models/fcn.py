@@ -21,15 +21,20 @@ their score layers: (0.01, 0.0001) is the reference "FCN-8s at-once" training, w
 trains all streams together from VGG16.
 
 Upsampling (`upsample`):
-  'transposed'  learnable transposed convolutions (kernel 2f, stride f, no bias, C -> C
-                classes), initialised to bilinear interpolation as in the paper. The input
-                is edge-padded by one cell and the output cropped so that at init it equals
-                `layers.resize_to` (half-pixel centres, clamped edges) exactly, borders
-                included (Caffe pads with zeros instead, which darkens the borders). Needs H
-                and W divisible by the backbone's output stride (32, or 8 for '8s_atrous').
-  'bilinear'    fixed bilinear resizes (`layers.resize_to`) to each feature map's size and
-                to the input; any H and W. The reference implementation fixes its
-                interpolation kernels too, with no loss of accuracy.
+  'transposed'  the paper's: the 2x upsamplings between fusions are learnable transposed
+                convolutions (kernel 4, stride 2, no bias, C -> C classes) initialised to
+                bilinear interpolation; the final upsampling to the input is fixed bilinear
+                interpolation ("final layer deconvolutional filters are fixed to bilinear
+                interpolation, while intermediate upsampling layers are initialized to
+                bilinear upsampling, and then learned", Sec. 4.3). The input of a learned
+                layer is edge-padded by one cell and its output cropped so that at init it
+                equals `layers.resize_to` (half-pixel centres, clamped edges) exactly,
+                borders included (Caffe pads with zeros, which darkens the borders). 16s and
+                8s need H and W divisible by 32; 32s and 8s_atrous have no learned layer.
+  'bilinear'    every upsampling is a fixed bilinear resize (`layers.resize_to`) to the
+                next feature map's size or the input's; any H and W. The reference
+                implementation fixes all its interpolation kernels, with no loss of
+                accuracy.
 
 FCN head (ResNet; torchvision's FCNHead, mmsegmentation's FCNHead): `head_convs` 3x3
 conv-BN-ReLU of in/4 channels (512 for ResNet-50/101), with `head_concat_input` the input
@@ -254,29 +259,28 @@ class Model(nn.Module):
                                  name='head')(features['stage4'], train=train)
     return features
 
-  def _upsample(self, scores, height, width, name):
-    if self.upsample == 'bilinear':
-      return resize_to(scores, height, width)
-    return LearnedUpsample(height // scores.shape[1], self.dtype, name=name)(scores)
-
   @nn.compact
   def __call__(self, images, *, train):
     """images [B, H, W, C] -> logits [B, H, W, num_classes] (float32)."""
     height, width = images.shape[1:3]
-    if self.upsample == 'transposed' and (height % self.output_stride
-                                          or width % self.output_stride):
-      raise ValueError(f"FCN upsample='transposed' needs H and W divisible by "
-                       f'{self.output_stride}, got {(height, width)}; resize or pad the '
-                       "images, or use upsample='bilinear'")
+    num_skips = NUM_SKIPS[self.variant]
+    if self.upsample == 'transposed' and num_skips and (height % 32 or width % 32):
+      raise ValueError(f"FCN-{self.variant} with upsample='transposed' needs H and W "
+                       f'divisible by 32, got {(height, width)}; resize or pad the images, '
+                       "or use upsample='bilinear'")
     features = self._features(images, train)
     skip_names = SKIP_FEATURES[family(self.backbone)]
     scores, upsample_name = features['head'], 'upscore2'
-    for skip, scale in tuple(zip(skip_names, self.skip_scales))[:NUM_SKIPS[self.variant]]:
-      skip_features = features[skip] * scale if scale != 1 else features[skip]
-      skip_scores = score_layer(self.num_classes, f'score_{skip}', self.dtype)(skip_features)
-      scores = self._upsample(scores, *skip_scores.shape[1:3], upsample_name) + skip_scores
+    for skip, scale in tuple(zip(skip_names, self.skip_scales))[:num_skips]:
+      skip_scores = score_layer(self.num_classes, f'score_{skip}', self.dtype)(
+          features[skip] * scale)
+      if self.upsample == 'transposed':
+        scores = LearnedUpsample(2, self.dtype, name=upsample_name)(scores)
+      else:
+        scores = resize_to(scores, *skip_scores.shape[1:3])
+      scores = scores + skip_scores
       upsample_name = f'upscore_{skip}'
-    logits = self._upsample(scores, height, width, f'upscore{height // scores.shape[1]}')
+    logits = resize_to(scores.astype(jnp.float32), height, width)
 
     if self.aux_head and (train or self.is_initializing()):
       aux_input = features[skip_names[0]]
@@ -285,4 +289,4 @@ class Model(nn.Module):
       if train:
         self.sow('intermediates', 'aux_logits',
                  resize_to(aux.astype(jnp.float32), height, width))
-    return logits.astype(jnp.float32)
+    return logits
