@@ -31,7 +31,7 @@ def _kernel_from_torch(array):
   return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
 
 
-def _torch_key(collection, path, module_name):
+def torch_key(collection, path, module_name):
   """The PyTorch key of the flax leaf at `path` (module names..., leaf name) in `collection`."""
   *modules, leaf = path
   prefix = module_name(tuple(modules))
@@ -45,7 +45,7 @@ def to_torch(variables, module_name):
   for collection, tree in variables.items():
     for path, array in flax.traverse_util.flatten_dict(tree).items():
       array = np.asarray(array)
-      state[_torch_key(collection, path, module_name)] = (
+      state[torch_key(collection, path, module_name)] = (
           _kernel_to_torch(array) if path[-1] == 'kernel' else array)
   return state
 
@@ -56,7 +56,7 @@ def from_torch(state, like, module_name):
   for collection, tree in like.items():
     flat = {}
     for path in flax.traverse_util.flatten_dict(tree):
-      array = np.asarray(state[_torch_key(collection, path, module_name)], np.float32)
+      array = np.asarray(state[torch_key(collection, path, module_name)], np.float32)
       flat[path] = _kernel_from_torch(array) if path[-1] == 'kernel' else array
     variables[collection] = flax.traverse_util.unflatten_dict(flat)
   return variables

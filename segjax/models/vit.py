@@ -54,9 +54,12 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from segjax.models import torch_layout
 
 SIZES = {  # size -> (width D, depth, heads)
     'tiny': (192, 12, 3),
@@ -254,40 +257,14 @@ class ViT(nn.Module):
 
 # ---------------------------------------------------------------------------- timm weights
 
-def _torch_name(path):
-  """Flax path ('blocks_3', 'attn', 'qkv', 'kernel') -> timm key 'blocks.3.attn.qkv.weight'."""
-  *modules, leaf = path
-  modules = [m.replace('blocks_', 'blocks.') for m in modules]
-  leaf = {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)
-  return '.'.join(modules + [leaf])
-
-
-def _to_torch_layout(leaf_name, value):
-  if leaf_name != 'kernel':
-    return value
-  if value.ndim == 4:  # conv (kh, kw, I, O) -> (O, I, kh, kw)
-    return value.transpose(3, 2, 0, 1)
-  return value.T  # dense (I, O) -> (O, I)
-
-
-def _from_torch_layout(leaf_name, value):
-  if leaf_name != 'kernel':
-    return value
-  if value.ndim == 4:  # conv (O, I, kh, kw) -> (kh, kw, I, O)
-    return value.transpose(2, 3, 1, 0)
-  return value.T
-
-
-def _param_paths(params):
-  """[(path tuple, leaf)] of a nested params dict."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [(tuple(k.key for k in keys), leaf) for keys, leaf in flat]
+def _torch_module_name(path):
+  """Flax module path ('blocks_3', 'attn', 'qkv') -> timm module name 'blocks.3.attn.qkv'."""
+  return '.'.join(m.replace('blocks_', 'blocks.') for m in path)
 
 
 def to_torch(variables):
   """ViT variables {'params': ...} -> timm state dict {key: numpy array} (module docstring)."""
-  return {_torch_name(path): np.asarray(_to_torch_layout(path[-1], np.asarray(value)))
-          for path, value in _param_paths(variables['params'])}
+  return torch_layout.to_torch({'params': variables['params']}, _torch_module_name)
 
 
 def from_torch(state, like):
@@ -296,16 +273,16 @@ def from_torch(state, like):
   `state` holds the keys `to_torch(like)` produces. `pos_embed` is resampled to the grid of
   `like` when the checkpoint's grid differs; every other shape must already match.
   """
-  def convert(keys, target):
-    path = tuple(k.key for k in keys)
-    value = np.asarray(state[_torch_name(path)])
-    if path == ('pos_embed',) and value.shape != tuple(target.shape):
-      side = math.isqrt(target.shape[1] - 1)
-      value = resample_pos_embed(jnp.asarray(value, jnp.float32), (side, side))
-    value = np.asarray(_from_torch_layout(path[-1], np.asarray(value)), np.float32)
-    if value.shape != tuple(target.shape):
-      raise ValueError(f'{_torch_name(path)}: checkpoint shape {value.shape} does not fit '
-                       f'the model\'s {tuple(target.shape)}')
-    return value
-
-  return {'params': jax.tree_util.tree_map_with_path(convert, like['params'])}
+  target = like['params']['pos_embed'].shape
+  if state['pos_embed'].shape != tuple(target):
+    side = math.isqrt(target[1] - 1)
+    state = {**state, 'pos_embed': np.asarray(resample_pos_embed(
+        jnp.asarray(state['pos_embed'], jnp.float32), (side, side)))}
+  variables = torch_layout.from_torch(state, {'params': like['params']}, _torch_module_name)
+  loaded = flax.traverse_util.flatten_dict(variables['params'])
+  for path, leaf in flax.traverse_util.flatten_dict(like['params']).items():
+    if loaded[path].shape != tuple(leaf.shape):
+      raise ValueError(f'{torch_layout.torch_key("params", path, _torch_module_name)}: '
+                       f'checkpoint shape {loaded[path].shape} does not fit the model\'s '
+                       f'{tuple(leaf.shape)}')
+  return variables
