@@ -65,28 +65,38 @@ def torchvision_state_dict(depth, seed=0):
   return state
 
 
-def torchvision_forward(state, images, depth):
-  """torchvision's ResNet forward (eval mode) -> {'stem', 'stage1'..'stage4'} NCHW tensors."""
+def torchvision_forward(state, images, depth, dilate=(False, False, False)):
+  """torchvision's ResNet forward (eval mode) -> {'stem', 'stage1'..'stage4'} NCHW tensors.
+
+  dilate: torchvision's `replace_stride_with_dilation` for stages 2-4: such a stage keeps
+  stride 1, its 3x3 convolutions dilate by the accumulated stride, and its first block
+  uses the previous rate (bottleneck blocks only, as in torchvision).
+  """
   def bn(x, name):
     return F.batch_norm(x, state[f'{name}.running_mean'], state[f'{name}.running_var'],
                         state[f'{name}.weight'], state[f'{name}.bias'], False, 0.0, 1e-5)
 
-  def conv(x, name, stride):
+  def conv(x, name, stride, rate=1):
     w = state[f'{name}.weight']
-    return F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2)
+    return F.conv2d(x, w, stride=stride, padding=rate * (w.shape[-1] // 2), dilation=rate)
 
   kind, counts = BLOCKS[depth]
   x = F.max_pool2d(F.relu(bn(conv(images, 'conv1', 2), 'bn1')), 3, 2, 1)
   out = {'stem': x}
+  rate = 1
   for stage, count in enumerate(counts, start=1):
+    stage_stride, previous_rate = (2 if stage > 1 else 1), rate
+    if stage > 1 and dilate[stage - 2]:
+      rate, stage_stride = rate * stage_stride, 1
     for i in range(count):
-      p, stride = f'layer{stage}.{i}', 2 if stage > 1 and i == 0 else 1
+      p = f'layer{stage}.{i}'
+      stride, block_rate = (stage_stride, previous_rate) if i == 0 else (1, rate)
       if kind == 'basic':
         y = F.relu(bn(conv(x, f'{p}.conv1', stride), f'{p}.bn1'))
         y = bn(conv(y, f'{p}.conv2', 1), f'{p}.bn2')
       else:
         y = F.relu(bn(conv(x, f'{p}.conv1', 1), f'{p}.bn1'))
-        y = F.relu(bn(conv(y, f'{p}.conv2', stride), f'{p}.bn2'))
+        y = F.relu(bn(conv(y, f'{p}.conv2', stride, block_rate), f'{p}.bn2'))
         y = bn(conv(y, f'{p}.conv3', 1), f'{p}.bn3')
       if f'{p}.downsample.0.weight' in state:
         x = bn(conv(x, f'{p}.downsample.0', stride), f'{p}.downsample.1')
@@ -107,6 +117,15 @@ def init_variables(depth=18, width=64, seed=0):
       jax.random.key(seed), jnp.zeros((1, 64, 64, 3)))
 
 
+def assert_features_close(ours, theirs):
+  for name, expected in theirs.items():
+    expected = expected.numpy().transpose(0, 2, 3, 1)
+    # float32 sums in another order: errors grow with depth, relative to the feature scale.
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(np.asarray(ours[name]) / scale, expected / scale, atol=3e-5,
+                               err_msg=name)
+
+
 @pytest.mark.parametrize('depth', [18, 50])
 def test_torchvision_file_gives_torchvision_features(depth, tmp_path):
   state = torchvision_state_dict(depth)
@@ -122,15 +141,33 @@ def test_torchvision_file_gives_torchvision_features(depth, tmp_path):
       backbone, images)
   with torch.no_grad():
     theirs = torchvision_forward(state, torch.from_numpy(images.transpose(0, 3, 1, 2)), depth)
-  for name, expected in theirs.items():
-    expected = expected.numpy().transpose(0, 2, 3, 1)
-    # float32 sums in another order: errors grow with depth, relative to the feature scale.
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(np.asarray(ours[name]) / scale, expected / scale, atol=3e-5,
-                               err_msg=name)
+  assert_features_close(ours, theirs)
   # Heads keep their fresh initialisation.
   np.testing.assert_array_equal(loaded['params']['aspp']['conv1x1']['Conv_0']['kernel'],
                                 variables['params']['aspp']['conv1x1']['Conv_0']['kernel'])
+
+
+def test_contract_dilation_matches_torchvision_dilated_resnet50():
+  """OS8 with contract_dilation = torchvision's replace_stride_with_dilation=[F, T, T]."""
+  state = torchvision_state_dict(50, seed=2)
+  like = jax.device_get(init_variables(50))
+  backbone = resnet.from_torch(
+      {k: v.numpy() for k, v in state.items()
+       if not k.startswith('fc.') and not k.endswith('num_batches_tracked')},
+      {c: like[c]['backbone'] for c in ('params', 'batch_stats')})
+  images = np.random.default_rng(1).normal(size=(1, 48, 48, 3)).astype(np.float32)
+  with torch.no_grad():
+    theirs = torchvision_forward(state, torch.from_numpy(images.transpose(0, 3, 1, 2)), 50,
+                                 dilate=(False, True, True))
+  contracted = resnet.ResNet(depth=50, output_stride=8, contract_dilation=True)
+  ours = jax.jit(functools.partial(contracted.apply, train=False))(backbone, images)
+  assert ours['stage4'].shape == (1, 6, 6, 2048)
+  assert_features_close(ours, theirs)
+  # Every block at the stage's rate (DeepLab's convention) is a different network.
+  uniform = resnet.ResNet(depth=50, output_stride=8, contract_dilation=False)
+  other = jax.jit(functools.partial(uniform.apply, train=False))(backbone, images)
+  expected = theirs['stage4'].numpy().transpose(0, 2, 3, 1)
+  assert np.abs(np.asarray(other['stage4']) - expected).max() > 1e-2 * np.abs(expected).max()
 
 
 def test_safetensors_round_trip_gives_identical_outputs(tmp_path):

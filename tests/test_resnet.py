@@ -91,6 +91,11 @@ def test_strides_rates_and_multi_grid():
   assert resnet.block_rates(2, 3, (1, 2, 4)) == (2, 4, 8)
   assert resnet.block_rates(4, 4, (1, 2)) == (4, 8, 4, 8)
   assert resnet.block_rates(2, 23) == (2,) * 23
+  # torchvision / mmsegmentation: the first block of a dilated stage keeps the previous rate.
+  assert resnet.block_rates(4, 3, contract_dilation=True) == (2, 4, 4)
+  assert resnet.block_rates(2, 6, contract_dilation=True) == (1,) + (2,) * 5
+  assert resnet.block_rates(1, 2, contract_dilation=True) == (1, 1)
+  assert resnet.block_rates(2, 3, (1, 2, 4), contract_dilation=True) == (2, 4, 8)
 
 
 def test_dilation_and_multi_grid_reach_the_convolutions():

@@ -110,7 +110,7 @@ class Model(nn.Module):
   `variant`: 'v3' or 'v3plus'; `backbone_depth`: ResNet depth (18, 34, 50, 101);
   `backbone_width`: the ResNet's base width (64 as published; published weights need 64);
   `output_stride`: 8 or 16; `multi_grid`: rate multipliers of the last stage's blocks;
-  `aspp_rates`: () for the paper's rates at `output_stride`, other rates only with
+  `contract_dilation`: see `resnet.ResNet` (mmsegmentation's recipes set it); `aspp_rates`: () for the paper's rates at `output_stride`, other rates only with
   `allow_custom_rates`; `aspp_features`, `low_level_features`, `decoder_features`: widths
   of the ASPP, the v3+ low-level projection and the v3+ decoder convs; `frozen_bn`: see the
   module docstring; `dropout`: rate after the ASPP projection; `dtype`: compute dtype.
@@ -121,6 +121,7 @@ class Model(nn.Module):
   backbone_width: int = 64
   output_stride: int = 16
   multi_grid: tuple = (1, 2, 4)
+  contract_dilation: bool = False
   aspp_rates: tuple = ()
   allow_custom_rates: bool = False
   aspp_features: int = 256
@@ -149,8 +150,10 @@ class Model(nn.Module):
   def __call__(self, images, *, train):
     """images [B, H, W, C] -> logits [B, H, W, num_classes] (float32)."""
     features = resnet.ResNet(depth=self.backbone_depth, output_stride=self.output_stride,
-                             width=self.backbone_width, multi_grid=tuple(self.multi_grid), frozen_bn=self.frozen_bn,
-                             dtype=self.dtype, name='backbone')(images, train=train)
+                             width=self.backbone_width, multi_grid=tuple(self.multi_grid),
+                             contract_dilation=self.contract_dilation,
+                             frozen_bn=self.frozen_bn, dtype=self.dtype,
+                             name='backbone')(images, train=train)
     rates = aspp_rates_for(self.output_stride, self.aspp_rates, self.allow_custom_rates)
     x = ASPP(rates, self.aspp_features, self.dropout, self.frozen_bn, self.dtype,
              name='aspp')(features['stage4'], train=train)

@@ -48,9 +48,9 @@ torchvision and mmsegmentation). When training, its logits resized to the input 
 main logits in both modes.
 
 Known differences from the published networks: fc6 is padded 'SAME' instead of the input
-being padded by 100 pixels (see `vgg`); torchvision's and mmsegmentation's dilated ResNets
-give the first block of a dilated stage the previous stage's rate, `resnet.ResNet` gives
-every block the stage's rate (same parameters, slightly different outputs).
+being padded by 100 pixels (see `vgg`). torchvision's and mmsegmentation's dilated ResNets
+give the first block of a dilated stage the previous stage's rate: `contract_dilation=True`
+(the default) does the same; False gives every block the stage's rate (DeepLab's convention).
 """
 from typing import Any, Optional
 
@@ -176,7 +176,8 @@ class Model(nn.Module):
   FCN head; `width`: backbone base width (64 as published; published weights need 64);
   `dropout`: None for the published rate, 0.5 after fc6 and fc7 (VGG) or 0.1 in the FCN
   head (ResNet); `skip_scales`: factors on the stride-16 and stride-8 features before their
-  score layers; `head_convs`, `head_concat_input`: the ResNet FCN head's form; `dtype`:
+  score layers; `head_convs`, `head_concat_input`: the ResNet FCN head's form;
+  `contract_dilation`: '8s_atrous' dilates as torchvision does (see `resnet.ResNet`); `dtype`:
   compute dtype (parameters and logits stay float32).
   """
   num_classes: int
@@ -189,6 +190,7 @@ class Model(nn.Module):
   skip_scales: tuple = (1.0, 1.0)
   head_convs: int = 1
   head_concat_input: bool = False
+  contract_dilation: bool = True
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -251,8 +253,8 @@ class Model(nn.Module):
           features['fc7'])
     else:
       features = resnet.ResNet(depth=self.depth, output_stride=self.output_stride,
-                               width=self.width, dtype=self.dtype,
-                               name='backbone')(images, train=train)
+                               width=self.width, contract_dilation=self.contract_dilation,
+                               dtype=self.dtype, name='backbone')(images, train=train)
       features['head'] = FCNHead(self.num_classes, convs=self.head_convs,
                                  concat_input=self.head_concat_input,
                                  dropout=self._dropout(), dtype=self.dtype,

@@ -17,10 +17,12 @@ torchvision weights give the same outputs once converted:
 
 With `output_stride` 16 or 8 the strides of the last stage(s) become 1 and their 3x3
 convolutions are dilated instead (DeepLab): OS16 dilates stage 4 by 2; OS8 dilates stage 3
-by 2 and stage 4 by 4. Every block of a dilated stage uses the stage's rate (as DeepLab and
-mmsegmentation do; torchvision's `replace_stride_with_dilation` keeps the previous rate in
-the first block). `multi_grid` multiplies the rate of the last stage's blocks, cycled:
-(1, 2, 4) at OS16 gives rates 2, 4, 8.
+by 2 and stage 4 by 4. By default every block of a dilated stage uses the stage's rate (the
+DeepLab papers' convention); `contract_dilation=True` gives the first block of a dilated
+stage half the rate (the previous stage's), as torchvision's `replace_stride_with_dilation`
+and mmsegmentation's `contract_dilation=True` do, so their weights give the same outputs.
+`multi_grid` multiplies the rate of the last stage's blocks, cycled: (1, 2, 4) at OS16
+gives rates 2, 4, 8 (a multi-grid stage is never contracted).
 """
 import functools
 from typing import Any
@@ -73,9 +75,16 @@ def stage_strides_and_rates(output_stride):
   return tuple(zip(strides, rates))
 
 
-def block_rates(stage_rate, num_blocks, multi_grid=(1,)):
-  """Dilation rates of a stage's blocks: `stage_rate` times `multi_grid`, cycled."""
-  return tuple(stage_rate * multi_grid[i % len(multi_grid)] for i in range(num_blocks))
+def block_rates(stage_rate, num_blocks, multi_grid=(1,), contract_dilation=False):
+  """Dilation rates of a stage's blocks: `stage_rate` times `multi_grid`, cycled.
+
+  With `contract_dilation` (and no multi-grid) a dilated stage's first block has half the
+  rate, e.g. (2, 4, 4) instead of (4, 4, 4) for a rate-4 stage of three blocks.
+  """
+  rates = [stage_rate * multi_grid[i % len(multi_grid)] for i in range(num_blocks)]
+  if contract_dilation and stage_rate > 1 and tuple(multi_grid) == (1,) * len(multi_grid):
+    rates[0] = stage_rate // 2
+  return tuple(rates)
 
 
 def stage_widths(width=64):
@@ -160,14 +169,16 @@ class ResNet(nn.Module):
   """ResNet-18/34/50/101 backbone returning the feature map of every stage.
 
   Fields: `depth` in (18, 34, 50, 101); `output_stride` in (8, 16, 32); `multi_grid`:
-  multipliers of the last stage's dilation rate, cycled over its blocks; `frozen_bn`: use
-  the running averages even when training (and leave them unchanged); `dtype`: compute
-  dtype (parameters stay float32).
+  multipliers of the last stage's dilation rate, cycled over its blocks;
+  `contract_dilation`: the first block of a dilated stage takes the previous rate
+  (torchvision, mmsegmentation); `frozen_bn`: use the running averages even when training
+  (and leave them unchanged); `dtype`: compute dtype (parameters stay float32).
   """
   depth: int = 50
   output_stride: int = 32
   width: int = 64
   multi_grid: tuple = (1, 1, 1)
+  contract_dilation: bool = False
   frozen_bn: bool = False
   dtype: Any = jnp.float32
 
@@ -194,7 +205,8 @@ class ResNet(nn.Module):
     for stage, (width, num_blocks, (stride, rate)) in enumerate(
         zip(stage_widths(self.width), blocks_per_stage, stages)):
       grid = tuple(self.multi_grid) if stage == 3 else (1,)
-      for i, block_rate in enumerate(block_rates(rate, num_blocks, grid)):
+      rates = block_rates(rate, num_blocks, grid, self.contract_dilation)
+      for i, block_rate in enumerate(rates):
         x = block(width, strides=stride if i == 0 else 1, rate=block_rate,
                   use_running_average=use_running_average, dtype=self.dtype,
                   name=f'layer{stage + 1}_{i}')(x)
