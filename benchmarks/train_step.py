@@ -10,7 +10,8 @@ table. Data are random (the input pipeline is not measured here). Figures:
 - GFLOP/step: XLA's cost analysis of the compiled step (forward + backward + update);
 - compile: seconds to lower and compile; step: median (and min) seconds of `--steps` timed
   steps after one warm-up; images/s = batch / median step;
-- peak MB: XLA's peak buffer estimate for the step (`memory_analysis().peak_memory_in_bytes`).
+- peak MB: XLA's buffer assignment for the step (`step_memory_mb`): its peak estimate where
+  the backend gives one, else arguments + unaliased outputs + temporaries (CPU).
 Set XLA_FLAGS before running to compare compiler options.
 """
 import math
@@ -19,6 +20,7 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
@@ -77,22 +79,45 @@ def load_config(path_and_arg):
   return namespace['get_config'](arg or None)
 
 
-def measure(config, steps):
-  """{'params', 'gflops', 'compile_s', 'median_s', 'min_s', 'peak_mb'} of `config`'s step."""
+def random_batch(config, num_classes, seed=0):
+  """{'image': float32 [B, H, W, C] normal, 'label': int32 [B, H, W] uniform classes} (numpy)
+  at `config`'s batch size, crop and channel count."""
+  height, width = transforms.height_width(config.dataset.image_size)
+  rng = np.random.default_rng(seed)
+  return {
+      'image': rng.normal(size=(config.batch_size, height, width,
+                                len(config.dataset.mean))).astype(np.float32),
+      'label': rng.integers(0, num_classes, (config.batch_size, height, width)).astype(np.int32),
+  }
+
+
+def step_memory_mb(compiled):
+  """MB of buffers XLA assigns to one call of `compiled`: the backend's peak where it
+  reports one (GPU), else arguments + outputs not aliased to them + temporaries (CPU)."""
+  memory = compiled.memory_analysis()
+  peak = getattr(memory, 'peak_memory_in_bytes', 0)
+  if not peak:
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  return peak / 2**20
+
+
+def compile_step(config, batch, compiler_options=None):
+  """Builds `config`'s model and train state and compiles its train step for `batch`.
+
+  batch: numpy {'image', 'label'} (`random_batch`); `config.half_precision` computes in
+  bfloat16 as the trainer does; `compiler_options`: XLA options for this compilation only
+  (e.g. {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}).
+  Returns (compiled step, state, device batch, rng key, {'params', 'gflops', 'compile_s',
+  'peak_mb'}); call `run_step(compiled, state, batch, key)` to step (the state is donated).
+  """
   spec = data_lib.get_spec(config.dataset)
   model = models_lib.get_model(config.model, spec.num_classes)
-  height, width = transforms.height_width(config.dataset.image_size)
-  channels = len(config.dataset.mean)
-  rng = np.random.default_rng(0)
-  mesh = parallel.make_mesh()
-  batch = parallel.to_global({
-      'image': rng.normal(size=(config.batch_size, height, width, channels)).astype(
-          np.float32),
-      'label': rng.integers(0, spec.num_classes, (config.batch_size, height, width)).astype(
-          np.int32),
-  }, mesh)
+  if config.half_precision:
+    model = model.clone(dtype=jnp.bfloat16)
+  batch = parallel.to_global(batch, parallel.make_mesh())
   state = train.create_train_state(jax.random.key(0), model, config,
-                                   (1, height, width, channels))
+                                   (1, *batch['image'].shape[1:]))
   step = jax.jit(lambda s, b, r: train.train_step(
       s, b, r, pixel_loss=losses.make_loss(config.loss, ignore_label=spec.ignore_label,
                                            class_weights=config.loss.class_weights or None),
@@ -100,27 +125,37 @@ def measure(config, steps):
       donate_argnums=0)
   key = jax.random.key(1)
   started = time.perf_counter()
-  compiled = step.lower(state, batch, key).compile()
+  compiled = step.lower(state, batch, key).compile(compiler_options)
   compile_s = time.perf_counter() - started
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  memory = compiled.memory_analysis()
-  state, metrics = compiled(state, batch, key)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    started = time.perf_counter()
-    state, metrics = compiled(state, batch, key)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - started)
-  return {
+  return compiled, state, batch, key, {
       'params': sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
       'gflops': cost.get('flops', float('nan')) / 1e9,
       'compile_s': compile_s,
-      'median_s': float(np.median(times)),
-      'min_s': min(times),
-      'peak_mb': getattr(memory, 'peak_memory_in_bytes', 0) / 2**20,
+      'peak_mb': step_memory_mb(compiled),
   }
+
+
+def run_step(compiled, state, batch, key):
+  """One step, waited for -> (new state, metrics, seconds)."""
+  started = time.perf_counter()
+  state, metrics = compiled(state, batch, key)
+  jax.block_until_ready(metrics)
+  return state, metrics, time.perf_counter() - started
+
+
+def measure(config, steps):
+  """{'params', 'gflops', 'compile_s', 'median_s', 'min_s', 'peak_mb'} of `config`'s step."""
+  spec = data_lib.get_spec(config.dataset)
+  compiled, state, batch, key, figures = compile_step(config,
+                                                      random_batch(config, spec.num_classes))
+  state, _, _ = run_step(compiled, state, batch, key)  # warm-up
+  times = []
+  for _ in range(steps):
+    state, _, seconds = run_step(compiled, state, batch, key)
+    times.append(seconds)
+  return {**figures, 'median_s': float(np.median(times)), 'min_s': min(times)}
 
 
 def row(label, config, figures):

@@ -1,7 +1,8 @@
 """The benchmark script keeps working: its suite builds and its figures are consistent."""
-import importlib.util
+import importlib
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +14,14 @@ from conftest import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The scripts import each other by module name; one module object each also keeps their
+# absl flags defined once.
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+
 @pytest.fixture(scope='module')
 def bench():
-  path = os.path.join(ROOT, 'benchmarks', 'train_step.py')
-  spec = importlib.util.spec_from_file_location('train_step_benchmark', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module('train_step')
 
 
 def test_every_suite_entry_builds_a_model(bench, monkeypatch):
@@ -42,3 +44,58 @@ def test_measure_reports_the_model_and_positive_costs(bench):
   assert 0 < figures['min_s'] <= figures['median_s']
   row = bench.row('tiny', config, figures)
   assert row.startswith('| tiny | 2 x 32x32 |') and row.count('|') == 9
+
+
+
+@pytest.fixture(scope='module')
+def vs_pytorch():
+  pytest.importorskip('torch')  # an optional benchmark dependency
+  return importlib.import_module('vs_pytorch')
+
+
+def flax_param_sizes(model, size):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                             train=False))
+  return sorted(math.prod(x.shape) for x in jax.tree.leaves(shapes['params']))
+
+
+@pytest.mark.parametrize('name, fields, size', [
+    ('unet', {'depth': 2, 'features': 4}, 32),
+    ('deeplab', {'variant': 'v3', 'backbone_depth': 50, 'aspp_features': 256}, 64),
+    ('segmenter', {'size': 'tiny', 'patch_size': 16, 'depth': 2, 'decoder': 'mask'}, 32),
+])
+def test_torch_twin_has_the_flax_models_parameter_sizes(vs_pytorch, name, fields, size):
+  model = models.get_model(tiny_config('/unused', model_name=name, **fields).model,
+                           num_classes=6)
+  twin = vs_pytorch.torch_models.from_flax(model)
+  assert sorted(p.numel() for p in twin.parameters()) == flax_param_sizes(model, size)
+
+
+def test_torch_twin_maps_images_to_logits_and_learns(vs_pytorch):
+  import torch  # pylint: disable=g-import-not-at-top
+  model = models.get_model(tiny_config('/unused').model, num_classes=6)
+  twin = vs_pytorch.torch_models.from_flax(model).train()
+  torch.manual_seed(0)
+  images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 6, (2, 32, 32))
+  labels[0, 0, 0] = 255  # the ignore label
+  assert twin(images).shape == (2, 6, 32, 32)
+  optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2)
+  losses = [vs_pytorch.torch_train_step(twin, optimizer, images, labels, ignore_label=255,
+                                        autocast=torch.autocast('cpu', enabled=False)).item()
+            for _ in range(4)]
+  assert losses[-1] < losses[0]
+
+
+def test_alternate_rotates_the_order_of_the_variants(vs_pytorch):
+  order = []
+  steps = {name: (lambda name=name: (order.append(name) or 0.0, 1.0)) for name in 'abc'}
+  results = vs_pytorch.alternate(steps, repetitions=3)
+  assert order == list('abcbcacab')
+  assert all(times == [1.0] * 3 for times, _ in results.values())
+
+
+def test_model_shapes_take_the_default_or_their_own(vs_pytorch):
+  assert vs_pytorch.model_shapes('unet,deeplabv3_r50:4x256', 8, 128) == [
+      ('unet', 8, 128), ('deeplabv3_r50', 4, 256)]
+  with pytest.raises(SystemExit, match='unknown model'):
+    vs_pytorch.model_shapes('vgg', 8, 128)
