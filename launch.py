@@ -1,9 +1,13 @@
-"""Trains or evaluates a segjax experiment.
+"""Trains, evaluates or predicts with a segjax experiment.
 
   python launch.py --config experiments/unet.py [--config.total_steps=4000] [--workdir DIR]
   python launch.py --config experiments/unet.py --mode eval
+  python launch.py --config experiments/unet.py --mode predict --images DIR_OR_GLOB --output DIR
+  python launch.py --config experiments/ablations/unet_size.py --mode sweep [--dry_run]
+  python launch.py --mode report --workdir runs/unet_size
 
-Rerunning the same command with the same workdir resumes from its latest checkpoint.
+Rerunning the same command with the same workdir resumes from its latest checkpoint (a
+sweep skips its finished points and resumes the interrupted one).
 """
 import os
 import re
@@ -14,6 +18,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from segjax import parallel
+from segjax import predict
+from segjax import sweep
 from segjax import train
 from segjax.errors import SegjaxError
 
@@ -22,9 +29,23 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Directory for checkpoints, logs and metrics (default: runs/<config name>).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                  'train: train (or resume) then evaluate; eval: evaluate the best checkpoint.')
-flags.mark_flags_as_required(['config'])
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'sweep', 'report'],
+                  'train: train (or resume) then evaluate; eval: evaluate the best checkpoint; '
+                  'predict: label the --images with the best checkpoint into --output; '
+                  "sweep: train every point of the config file's get_hyper in <workdir>/<point>; "
+                  "report: rewrite a sweep's results.md/csv/png in --workdir.")
+flags.DEFINE_bool('dry_run', False,
+                  '--mode sweep: print one launch command per point instead of training.')
+flags.DEFINE_string('images', None, '--mode predict: a directory of images (not recursive), '
+                    'a quoted glob ("**" recurses) or one image file.')
+flags.DEFINE_string('output', None, '--mode predict: directory for <stem>.png (class-index '
+                    'palette PNG) and <stem>_overlay.png per image.')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-process runs: host:port of process 0, the same for every process; '
+                    'with --num_processes and --process_id. TPU pods and SLURM jobs need none '
+                    'of the three (detected).')
+flags.DEFINE_integer('num_processes', None, 'Multi-process runs: how many processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-process runs: this one, in [0, num_processes).')
 FLAGS = flags.FLAGS
 
 
@@ -62,17 +83,51 @@ def load_config():
   return config
 
 
+def sweep_or_report():
+  """--mode sweep: trains (or with --dry_run prints) every point of the config's sweep;
+  --mode report: rewrites the results of the sweep in the workdir from its finished runs."""
+  workdir = FLAGS.workdir or default_workdir()
+  try:
+    if FLAGS.mode == 'report':
+      print(sweep.write_report(workdir))
+      return
+    config, config_file = load_config(), config_flags.get_config_filename(FLAGS['config'])
+    points = sweep.load_points(config_file)
+    if FLAGS.dry_run:
+      overrides = config_flags.get_override_values(FLAGS['config'])
+      print('\n'.join(sweep.dry_run(config_file, overrides, points, workdir)))
+    else:
+      print(sweep.run_sweep(config, points, workdir, config_file=config_file))
+  except SegjaxError as e:
+    sys.exit(f'error: {e}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every save and read at INFO
+  if FLAGS.config is None and not (FLAGS.mode == 'report' and FLAGS.workdir):
+    sys.exit('error: --config is required (--mode report needs only --workdir)')
+  if FLAGS.dry_run and FLAGS.mode != 'sweep':
+    sys.exit('error: --dry_run is for --mode sweep')
+  if FLAGS.mode in ('sweep', 'report'):
+    sweep_or_report()
+    return
+  if FLAGS.mode == 'predict' and not (FLAGS.images and FLAGS.output):
+    sys.exit('error: --mode predict needs --images DIR_OR_GLOB and --output DIR')
+  if FLAGS.mode != 'predict' and (FLAGS.images or FLAGS.output):
+    sys.exit('error: --images and --output are for --mode predict')
   config = load_config()
   workdir = FLAGS.workdir or default_workdir()
   try:
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)  # before anything touches devices
     if FLAGS.mode == 'train':
       train.train_and_evaluate(config, workdir)
-    else:
+    elif FLAGS.mode == 'eval':
       train.evaluate_checkpoint(config, workdir)
+    else:
+      predict.predict_files(config, workdir, FLAGS.images, FLAGS.output)
   except SegjaxError as e:
     sys.exit(f'error: {e}')
 

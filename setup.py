@@ -24,10 +24,12 @@ setuptools.setup(
         'tqdm>=4.66,<5',
         'safetensors>=0.4,<1',  # reading .safetensors backbone weights (numpy API)
         'scipy>=1.11,<2',  # reading SBD's .mat labels
+        'matplotlib>=3.8,<4',  # the confusion-matrix plot of evaluation reports
+        'tifffile>=2023.1,<2028',  # multi-channel TIFF images in folder datasets
     ],
     extras_require={
         # PyTorch reads .pth weights and is the reference in the weight-import tests; this
         # exact version is a small CPU build where CI runs (a range would pull a CUDA one).
-        'test': ['pytest>=8,<10', 'torch==2.13.0'],
+        'test': ['pytest>=8,<10', 'torch==2.13.0', 'hypothesis>=6.100,<7'],
     },
 )

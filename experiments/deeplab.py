@@ -28,7 +28,8 @@ Recipes (name: source, published validation mIoU, single-scale):
   v3plus_r50_os8_ade20k    mmsegmentation deeplabv3plus_r50-d8_512x512_160k_ade20k: 43.95.
   v3plus_r101_os8_ade20k   mmsegmentation deeplabv3plus_r101-d8_512x512_160k_ade20k: 45.47.
 The mmsegmentation recipes dilate its way (`contract_dilation`, rates (1, 1, 2, 4) without
-multi-grid). Differences from those sources: mmsegmentation uses ResNet-V1c (a three-conv
+multi-grid) and augment its way (rescale to fit 2048 x 512, or 2048 x 1024 on Cityscapes,
+then ratio 0.5-2.0, crops with at most 75% of one class, photometric distortion). Differences from those sources: mmsegmentation uses ResNet-V1c (a three-conv
 stem) and an auxiliary FCN head on stage 3 (loss weight 0.4) and decays every parameter;
 segjax uses torchvision's ResNet, no auxiliary head, and decays only kernels. The papers' VOC runs
 start from ImageNet (v3+ from a JFT/ImageNet-pretrained Xception in its best rows; the
@@ -53,16 +54,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Training recipe per dataset: crop, global batch, steps, base LR, weight decay, end LR, and
-# model fields that differ from the DeepLab papers'.
+# the model and dataset fields that differ from the DeepLab papers'.
 _PAPER_VOC = dict(name='voc', crop=513, batch=16, steps=30_000, lr=0.007, wd=1e-4, end_lr=0.0)
-_MMSEG = dict(lr=0.01, wd=5e-4, end_lr=1e-4,
+# mmsegmentation also rescales to fit 2048 x 512 (x 1024 for Cityscapes) before the random
+# ratio, crops with at most 75% of one class and distorts colours.
+_MMSEG_AUGMENT = dict(base_size=(2048, 512), cat_max_ratio=0.75, photometric=True)
+_MMSEG = dict(lr=0.01, wd=5e-4, end_lr=1e-4, data=_MMSEG_AUGMENT,
               model=dict(multi_grid=(1, 1, 1), contract_dilation=True))
 DATASET_RECIPES = {
     # DeepLab papers: 513x513 crops, batch 16, poly(0.9) from 0.007, 30k steps on train_aug.
     'voc': _PAPER_VOC,
     # mmsegmentation: SGD momentum 0.9, poly(0.9) down to 1e-4.
     'voc_mmseg': dict(name='voc', crop=512, batch=16, steps=40_000, **_MMSEG),
-    'cityscapes': dict(name='cityscapes', crop=(512, 1024), batch=8, steps=80_000, **_MMSEG),
+    'cityscapes': dict(name='cityscapes', crop=(512, 1024), batch=8, steps=80_000,
+                       **{**_MMSEG, 'data': {**_MMSEG_AUGMENT, 'base_size': (2048, 1024)}}),
     'ade20k': dict(name='ade20k', crop=512, batch=16, steps=160_000, **_MMSEG),
 }
 
@@ -83,6 +88,7 @@ def _published_recipe(config, recipe):
   config.dataset.image_size = recipe['crop']
   config.dataset.min_scale, config.dataset.max_scale = 0.5, 2.0
   config.dataset.mean, config.dataset.std = IMAGENET_MEAN, IMAGENET_STD
+  config.dataset.update(recipe.get('data', {}))
   config.batch_size = recipe['batch']
   config.eval_batch_size = 8
   config.total_steps = recipe['steps']

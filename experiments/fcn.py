@@ -47,11 +47,10 @@ resnet101-63fe2227.pth), images normalised with ImageNet's mean and std:
   fcn_r50_d8_voc, fcn_r101_d8_voc: mmsegmentation's fcn_r*-d8_4xb4-20k_voc12aug-512x512:
     crop 512, batch 16, 20k iterations. Published: 67.08 and 71.16 (VOC2012 val).
 
-Differences from those runs beyond the model's (see segjax.models.fcn): the random scale
-applies to the original image (mmsegmentation first rescales ADE20K and VOC images to fit
-2048x512, about 1-1.4x; Cityscapes' 2048x1024 images are not rescaled); mmsegmentation's
-photometric distortion and its crop rule (at most 75% of one class) are not applied; its
-ADE20K and VOC results come from ResNetV1c (a three-conv stem with its own ImageNet
+The mmsegmentation recipes augment as it does: rescale to fit 2048x512 (2048x1024 for
+Cityscapes) times a ratio in 0.5-2.0, crops with at most 75% of one class, photometric
+distortion, flip. Differences from those runs beyond the model's (see segjax.models.fcn):
+mmsegmentation's ADE20K and VOC results come from ResNetV1c (a three-conv stem with its own ImageNet
 weights), which `resnet.ResNet` does not have, so those recipes run torchvision's ResNet;
 mmsegmentation decays every parameter, segjax only kernels. No published FCN recipe exists
 for Oxford-IIIT Pets.
@@ -69,6 +68,8 @@ DEFAULTS = dict(
     skip_scale16=1.0, skip_scale8=1.0, head_convs=1, head_concat_input=False,
     # data
     dataset='shapes', min_scale=1.0, max_scale=1.25, flip=True, norm='shapes',
+    base_size=ml_collections.FieldReference(0, field_type=object),  # 0 or 'LONGxSHORT'
+    cat_max_ratio=1.0, photometric=False,
     image_size=ml_collections.FieldReference(96, field_type=object),  # a side or 'HxW'
     # optimisation
     batch_size=16, total_steps=3000, optimizer='adam', learning_rate=0.01, momentum=0.9,
@@ -89,17 +90,19 @@ _CAFFE_VOC = dict(
 _MMSEG = dict(
     width=64, variant='8s_atrous', upsample='bilinear', aux_head=True, head_convs=2,
     head_concat_input=True, image_size=512, min_scale=0.5, max_scale=2.0, flip=True,
-    norm='imagenet', optimizer='sgd', learning_rate=0.01, momentum=0.9, weight_decay=5e-4,
+    base_size='2048x512', cat_max_ratio=0.75, photometric=True, norm='imagenet', optimizer='sgd', learning_rate=0.01, momentum=0.9, weight_decay=5e-4,
     schedule='poly', end_lr=1e-4, warmup_steps=0)
+
+_CITYSCAPES = dict(image_size='512x1024', base_size='2048x1024')
 
 RECIPES = {
     'fcn32s_vgg16_voc': _arg(**_CAFFE_VOC, backbone='vgg16', variant='32s',
                              total_steps=100_000),
     'fcn8s_atonce_vgg16_voc': _arg(**_CAFFE_VOC, backbone='vgg16', variant='8s',
                                    skip_scale16=0.01, skip_scale8=1e-4, total_steps=300_000),
-    'fcn_r50b_d8_cityscapes': _arg(**{**_MMSEG, 'image_size': '512x1024'}, backbone='resnet50',
+    'fcn_r50b_d8_cityscapes': _arg(**{**_MMSEG, **_CITYSCAPES}, backbone='resnet50',
                                    dataset='cityscapes', batch_size=8, total_steps=80_000),
-    'fcn_r101b_d8_cityscapes': _arg(**{**_MMSEG, 'image_size': '512x1024'},
+    'fcn_r101b_d8_cityscapes': _arg(**{**_MMSEG, **_CITYSCAPES},
                                     backbone='resnet101', dataset='cityscapes', batch_size=8,
                                     total_steps=80_000),
     'fcn_r50_d8_ade20k': _arg(**_MMSEG, backbone='resnet50', dataset='ade20k', batch_size=16,
@@ -122,7 +125,7 @@ def _expand_recipe(arg):
 
 
 def _size(value):
-  """96 -> 96; '512x1024' -> (512, 1024)."""
+  """96 -> 96; '512x1024' -> (512, 1024) (height x width, or long x short for base_size)."""
   if isinstance(value, str):
     height, _, width = value.partition('x')
     return int(height), int(width)
@@ -146,6 +149,9 @@ def get_config(arg=None):
   config.dataset.min_scale = variant.min_scale
   config.dataset.max_scale = variant.max_scale
   config.dataset.flip = variant.flip
+  config.dataset.base_size = _size(variant.base_size)
+  config.dataset.cat_max_ratio = variant.cat_max_ratio
+  config.dataset.photometric = variant.photometric
   config.dataset.mean, config.dataset.std = NORMALIZATION[variant.norm]
 
   config.batch_size = variant.batch_size

@@ -5,15 +5,20 @@ Every experiment's `get_config(arg)` starts from `base_config()` and sets the mo
 parsed by `parse_arg` against the variants the file declares.
 """
 import ast
+import copy
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from segjax import data as data_lib
+from segjax import evaluate as evaluate_lib
 from segjax import losses
 from segjax import models as models_lib
 from segjax import optim
+from segjax import parallel
+from segjax.data import transforms
 from segjax.models import resnet
 from segjax.errors import ConfigError
 
@@ -29,6 +34,15 @@ def base_config():
   config.checkpoint_every = 1000
   config.log_every = 100
   config.max_to_keep = 2
+  # A step with a NaN or Inf loss or gradient norm: 'stop' training (naming the step and
+  # the last good checkpoint) or 'skip' it (the parameters stay those of the step before).
+  config.nonfinite = 'stop'
+  config.log_images = 4  # validation images shown as TensorBoard panels per evaluation; 0: none
+  # How the step spans the devices (segjax/parallel.py): 'jit' (XLA partitions one program)
+  # or 'pmap' (per-device replicas, gradients averaged with lax.pmean, sync BatchNorm).
+  config.parallelism = 'jit'
+  config.half_precision = False  # bfloat16 compute; float32 parameters, optimizer and loss
+  config.grad_accum_steps = 1  # micro-batches per optimizer step, each batch_size / this
 
   config.model = ml_collections.ConfigDict({'name': ''})
   # Path of published ImageNet backbone weights (.pth or .safetensors; see segjax/pretrained.py).
@@ -47,10 +61,27 @@ def base_config():
   config.dataset.num_train = 4000  # shapes only: examples generated per split
   config.dataset.num_validation = 500
   config.dataset.generator_seed = 0
-  config.dataset.min_scale = 0.75  # random rescale range of training images
-  config.dataset.max_scale = 1.5
+  config.dataset.min_scale = 0.75  # random rescale range of training images (mmseg's
+  config.dataset.max_scale = 1.5  # ratio_range), relative to base_size
+  # Training images are first rescaled to fit (long side, short side) keeping their aspect,
+  # as mmseg's Resize(scale=(2048, 512), keep_ratio=True); one int S: (S, S); 0: no rescale.
+  config.dataset.base_size = ml_collections.FieldReference(0, field_type=object)
+  # Redraw a training crop (up to 10 times) while one class holds >= this fraction of its
+  # labelled pixels or it has a single class (mmseg's RandomCrop); 1.0: off.
+  config.dataset.cat_max_ratio = 1.0
   config.dataset.flip = True
-  config.dataset.mean = (0.5, 0.5, 0.5)  # per-channel, of images scaled to [0, 1]
+  # mmseg's PhotoMetricDistortion of training images (the labels are untouched).
+  config.dataset.photometric = False
+  config.dataset.brightness_delta = 32.0  # added value in [-delta, delta], of 0-255 pixels
+  config.dataset.contrast_range = (0.5, 1.5)  # pixels multiplied by a factor in this range
+  config.dataset.saturation_range = (0.5, 1.5)  # HSV saturation multiplied likewise
+  config.dataset.hue_delta = 18  # hue shifted by an int in [-delta, delta], units of 2 degrees
+  # Leading image channels distorted: 3 (RGB) gets all four ops, another count only
+  # brightness and contrast (e.g. 1 for grayscale, all bands of a multispectral image).
+  config.dataset.photometric_channels = 3
+  # Per-channel, of images scaled to [0, 1]; their length is the number of input channels
+  # (dataset 'folder' reads any count, e.g. RGB-D or multispectral .npy; the others are RGB).
+  config.dataset.mean = (0.5, 0.5, 0.5)
   config.dataset.std = (0.25, 0.25, 0.25)
   config.dataset.num_threads = 2  # grain reader threads
   config.dataset.check_label_batches = 4  # first batches whose labels are validated
@@ -96,6 +127,18 @@ def base_config():
   config.loss.lovasz_per_image = False  # lovasz_softmax: mean of per-image losses
   # Weight of the auxiliary head's loss (the same terms), for models that have one.
   config.loss.aux_weight = 0.4
+
+  # Validation inference (segjax/evaluate.py::make_predict).
+  config.evaluation = ml_collections.ConfigDict()
+  config.evaluation.mode = 'whole'  # 'whole' image, or 'slide' (sliding window)
+  # slide: window side or (height, width), 0: the training crop dataset.image_size; stride
+  # between windows, 0: two thirds of the window (overlapping logits are averaged).
+  config.evaluation.window = ml_collections.FieldReference(0, field_type=object)
+  config.evaluation.stride = ml_collections.FieldReference(0, field_type=object)
+  # Test-time augmentation: image scales (e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)) and a
+  # horizontal flip of each; the softmax probabilities of all views are averaged.
+  config.evaluation.scales = (1.0,)
+  config.evaluation.flip = False
   return config
 
 
@@ -105,7 +148,7 @@ def parse_arg(arg, **defaults):
   Values are Python literals where they parse as one (numbers, tuples, booleans) and
   strings otherwise. Keys not in `defaults` are refused with the valid ones listed.
   """
-  variant = ml_collections.ConfigDict(defaults)
+  variant = ml_collections.ConfigDict(copy.deepcopy(defaults))  # FieldReferences are shared
   for item in filter(None, (arg or '').split(',')):
     key, sep, text = item.partition('=')
     if not sep or key not in defaults:
@@ -180,8 +223,109 @@ def _validate_loss(loss, spec):
   _require(loss.aux_weight >= 0, f'loss.aux_weight must be >= 0, got {loss.aux_weight}')
 
 
+def _validate_evaluation(evaluation, crop_size):
+  """Refuses an unknown inference mode, bad window/stride sizes and non-positive scales."""
+  modes = ', '.join(evaluate_lib.MODES)
+  _require(evaluation.mode in evaluate_lib.MODES,
+           f'unknown evaluation.mode {evaluation.mode!r}; valid: {modes}')
+  for field in ('window', 'stride'):
+    _require(evaluation[field] == 0 or _is_size(evaluation[field]),
+             f'evaluation.{field} must be 0 (the default), a positive int or a (height, width) '
+             f'pair of them, got {evaluation[field]!r}')
+  window, stride = evaluate_lib.window_and_stride(evaluation, crop_size)
+  _require(all(s <= w for s, w in zip(stride, window)),
+           f'evaluation.stride {stride} is larger than the window {window}: pixels between '
+           'windows would get no prediction; use a stride <= evaluation.window')
+  scales = evaluation.scales
+  _require(isinstance(scales, (tuple, list)) and scales
+           and all(_is_number(s) and s > 0 for s in scales),
+           f'evaluation.scales must be a non-empty tuple of positive numbers, e.g. (0.5, 1.0, '
+           f'1.5), got {scales!r}')
+
+
+def _is_range(value):
+  """Whether `value` is a (lower, upper) pair of numbers with 0 <= lower <= upper."""
+  return (isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value))
+          and 0 <= value[0] <= value[1])
+
+
+def _validate_augmentation(data):
+  """Refuses impossible input channels and augmentation fields of `data` (config.dataset)."""
+  channels = len(data.mean)
+  _require(channels > 0 and len(data.std) == channels,
+           f'dataset.mean ({len(data.mean)} values) and dataset.std ({len(data.std)}) need '
+           'one value per input channel')
+  _require(all(_is_number(s) and s > 0 for s in data.std),
+           f'dataset.std must be positive numbers, got {tuple(data.std)!r}')
+  _require(data.name == 'folder' or channels == 3,
+           f'dataset {data.name!r} has RGB images but dataset.mean has {channels} values; '
+           "give 3, or use dataset 'folder' for other channel counts")
+  _require(data.base_size == 0 or _is_size(data.base_size),
+           'dataset.base_size must be 0 (no rescale), a positive int or a (long side, short '
+           f'side) pair of them, got {data.base_size!r}')
+  _require(_is_number(data.cat_max_ratio) and 0 < data.cat_max_ratio <= 1,
+           f'dataset.cat_max_ratio must be in (0, 1] (1: off), got {data.cat_max_ratio!r}')
+  _require(isinstance(data.photometric, bool),
+           f'dataset.photometric must be True or False, got {data.photometric!r}')
+  _require(_is_number(data.brightness_delta) and 0 <= data.brightness_delta <= 255,
+           f'dataset.brightness_delta must be in [0, 255], got {data.brightness_delta!r}')
+  for field in ('contrast_range', 'saturation_range'):
+    _require(_is_range(data[field]),
+             f'dataset.{field} must be a (lower, upper) pair with 0 <= lower <= upper, got '
+             f'{data[field]!r}')
+  _require(isinstance(data.hue_delta, int) and 0 <= data.hue_delta <= 90,
+           f'dataset.hue_delta must be an int in [0, 90] (units of 2 degrees), got '
+           f'{data.hue_delta!r}')
+  _require(isinstance(data.photometric_channels, int)
+           and 1 <= data.photometric_channels <= channels,
+           f'dataset.photometric_channels must be an int in [1, {channels}] (the channels of '
+           f'dataset.mean), got {data.photometric_channels!r}')
+
+
+_KINDS = {bool: ('True or False', (bool,)), int: ('an int', (int,)),
+          float: ('a number', (int, float)), str: ('a string', (str,)),
+          tuple: ('a tuple', (tuple, list))}
+
+
+def _check_names_and_types(config, defaults, prefix=''):
+  """Refuses fields that `defaults` (base_config) lacks and values of another type than its
+  default's, so the checks after compare numbers with numbers. `model` has its own fields
+  (checked by get_model) and object-typed fields (a size or a pair) are checked one by one."""
+  for name in config.keys():
+    path = prefix + name
+    _require(name in defaults, f'unknown config field {path!r}; the fields of '
+             f'{prefix.rstrip(".") or "the config"} are: {", ".join(sorted(defaults.keys()))}')
+    value, default = config[name], defaults[name]
+    if isinstance(default, ml_collections.ConfigDict):
+      _require(isinstance(value, (dict, ml_collections.ConfigDict)),
+               f'{path} must be a section of fields, got {value!r}')
+      if path != 'model':
+        _check_names_and_types(value, default, path + '.')
+      continue
+    kind = defaults.get_ref(name).get_type()
+    if kind not in _KINDS:
+      continue
+    description, types = _KINDS[kind]
+    _require(isinstance(value, types) and (kind is bool or not isinstance(value, bool)),
+             f'{path} must be {description} like its default {default!r}, got {value!r}')
+
+
+def _check_model_input(model, config):
+  """Traces (never compiles) the model on a training crop, so a crop size the model cannot
+  take (e.g. not divisible by its stride) or a bad model field value is a ConfigError."""
+  height, width = transforms.height_width(config.dataset.image_size)
+  crop = jax.ShapeDtypeStruct((1, height, width, len(config.dataset.mean)), jnp.float32)
+  try:
+    jax.eval_shape(lambda images: model.init(jax.random.key(0), images, train=False), crop)
+  except Exception as e:  # pylint: disable=broad-except
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise ConfigError(f'model {config.model.name!r} cannot take the {height}x{width} '
+                      f'dataset.image_size crops: {first_line}') from e
+
+
 def validate(config):
   """Refuses unknown names and impossible values before anything is built or compiled."""
+  _check_names_and_types(config, base_config())
   model = models_lib.get_model(config.model, num_classes=2)  # name and fields
   if config.init_from:
     _require(os.path.isfile(config.init_from),
@@ -198,6 +342,9 @@ def validate(config):
   for field in ('total_steps', 'batch_size', 'eval_batch_size', 'eval_every',
                 'checkpoint_every', 'log_every', 'max_to_keep'):
     _require(int(config[field]) > 0, f'{field} must be positive, got {config[field]}')
+  _require(isinstance(config.log_images, int) and config.log_images >= 0,
+           f'log_images must be a whole number >= 0 (0: no image panels), got '
+           f'{config.log_images!r}')
   _require(_is_size(config.dataset.image_size),
            'dataset.image_size must be a positive int or a (height, width) pair of them, '
            f'got {config.dataset.image_size!r}')
@@ -206,17 +353,40 @@ def validate(config):
            f'(height, width) pair of them, got {config.dataset.eval_pad_size!r}')
   _require(0 < config.dataset.min_scale <= config.dataset.max_scale,
            'need 0 < dataset.min_scale <= dataset.max_scale')
+  _validate_augmentation(config.dataset)
   _require(config.optimizer.learning_rate > 0, 'optimizer.learning_rate must be positive')
   _require(0 <= config.end_learning_rate <= config.optimizer.learning_rate,
            f'end_learning_rate ({config.end_learning_rate}) must be in [0, '
            f'optimizer.learning_rate={config.optimizer.learning_rate}]')
   _require(0 <= config.warmup_steps < config.total_steps,
            f'warmup_steps ({config.warmup_steps}) must be in [0, total_steps)')
-  _require(len(config.dataset.mean) == len(config.dataset.std),
-           'dataset.mean and dataset.std need one value per input channel')
   _validate_loss(config.loss, spec)
+  _validate_evaluation(config.evaluation, config.dataset.image_size)
+  _require(config.parallelism in parallel.PARALLELISMS,
+           f'unknown parallelism {config.parallelism!r}; valid: '
+           f'{", ".join(parallel.PARALLELISMS)}')
+  _require(not config.half_precision or hasattr(model, 'dtype'),
+           f'model {config.model.name!r} has no dtype field; unset half_precision')
+  accum = config.grad_accum_steps
+  _require(accum > 0, f'grad_accum_steps must be positive, got {accum}')
+  # Every device takes an equal share of each micro-batch (under 'pmap' too: per process,
+  # batch_size / processes over the local devices, as all processes have as many devices).
   devices = jax.device_count()
-  for field in ('batch_size', 'eval_batch_size'):
-    _require(config[field] % devices == 0,
-             f'{field}={config[field]} is not divisible by the {devices} devices; '
-             f'use a multiple of {devices}')
+  per_step = devices * accum
+  _require(config.batch_size % per_step == 0,
+           f'batch_size={config.batch_size} is not divisible by the {devices} devices'
+           + (f' x grad_accum_steps={accum}' if accum > 1 else '')
+           + f'; use a multiple of {per_step}')
+  _require(config.eval_batch_size % devices == 0,
+           f'eval_batch_size={config.eval_batch_size} is not divisible by the {devices} '
+           f'devices; use a multiple of {devices}')
+  _require(config.nonfinite in ('stop', 'skip'),
+           f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+  _require(config.dataset.name != 'shapes' or not config.dataset.eval_pad_size
+           or _is_size(config.dataset.eval_pad_size)
+           and min(transforms.height_width(config.dataset.eval_pad_size))
+           >= config.dataset.image_size,
+           f'dataset.eval_pad_size {config.dataset.eval_pad_size!r} is smaller than the '
+           f'{config.dataset.image_size}-pixel shapes images; set it to 0 or at least '
+           f'{config.dataset.image_size}')
+  _check_model_input(model, config)

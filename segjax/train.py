@@ -30,8 +30,11 @@ from segjax import models as models_lib
 from segjax import optim
 from segjax import parallel
 from segjax import pretrained
+from segjax import report
+from segjax import visualize
 from segjax.data import pipeline
 from segjax.data import transforms
+from segjax.models import layers
 from segjax.errors import ConfigError, SegjaxError
 
 
@@ -53,36 +56,73 @@ def create_train_state(rng, model, config, input_shape):
       tx=optim.create_optimizer(config))
 
 
-def train_step(state, batch, rng, *, pixel_loss, aux_loss_weight, learning_rate_fn):
-  """One optimisation step on a global batch -> (new state, scalar metrics).
+def train_step(state, batch, rng, *, pixel_loss, aux_loss_weight, learning_rate_fn,
+               grad_accum_steps=1, axis_name=None):
+  """One optimisation step on a batch -> (new state, scalar metrics).
 
-  batch: `image` float32 [B, H, W, C], `label` int32 [B, H, W]. BatchNorm statistics are
-  computed over the whole global batch (the mesh makes the reduction global under jit).
+  batch: `image` float32 [B, H, W, C], `label` int32 [B, H, W]. Under jit `batch` is the
+  global batch and BatchNorm statistics are computed over all of it (the mesh makes the
+  reduction global). With `axis_name` (the 'pmap' parallelism, see `segjax.parallel`) this
+  runs per device on its slice of the batch: gradients and metrics are averaged over
+  `axis_name`, BatchNorm statistics too (sync BN), and each device draws its own dropout.
+  The loss is then the mean of the devices' pixel-mean losses (as in PyTorch DDP): the
+  global batch's when every device has as many labelled pixels, close to it otherwise.
   pixel_loss: `(logits, labels) -> (loss, {term name: value})`, from `losses.make_loss`.
   A model with an auxiliary head sows its logits [B, H, W, C] as 'aux_logits' in
   'intermediates'; their loss is added with weight `aux_loss_weight`.
+
+  grad_accum_steps k > 1 splits the batch into k micro-batches (rows j, j + k, j + 2k, ... form
+  micro-batch j, so each device keeps its share of every one), averages their gradients and
+  updates once: for a mean-over-pixels loss, micro-batches with equal numbers of labelled
+  pixels and a model without BatchNorm in training mode this is the step on the whole batch
+  (up to float rounding), with the activation memory of one micro-batch. BatchNorm normalises each micro-batch with its own statistics, and its
+  running averages are updated once per micro-batch, in order (the state keeps the last).
   Metrics: 'loss', 'grad_norm', 'learning_rate', '<term>_loss' for each term of the main
-  head's loss when there are several, and 'main_loss', 'aux_loss' with an auxiliary head.
+  head's loss when there are several, and 'main_loss', 'aux_loss' with an auxiliary head;
+  losses are means over the micro-batches.
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  if axis_name:
+    step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
 
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-        mutable=['batch_stats', 'intermediates'], rngs={'dropout': step_rng})
-    loss, terms = pixel_loss(logits, batch['label'])
+  def loss_fn(params, batch_stats, micro_batch, dropout_rng):
+    with layers.synced_batch_norm(axis_name):
+      logits, updates = state.apply_fn(
+          {'params': params, 'batch_stats': batch_stats}, micro_batch['image'], train=True,
+          mutable=['batch_stats', 'intermediates'], rngs={'dropout': dropout_rng})
+    loss, terms = pixel_loss(logits, micro_batch['label'])
     parts = {f'{name}_loss': value for name, value in terms.items()} if len(terms) > 1 else {}
     aux_logits = updates.get('intermediates', {}).get('aux_logits', ())
     if aux_logits:
-      aux_loss = sum(pixel_loss(aux, batch['label'])[0] for aux in aux_logits)
+      aux_loss = sum(pixel_loss(aux, micro_batch['label'])[0] for aux in aux_logits)
       parts.update(main_loss=loss, aux_loss=aux_loss)
       loss = loss + aux_loss_weight * aux_loss
-    return loss, (updates.get('batch_stats', state.batch_stats), parts)
+    return loss, (updates.get('batch_stats', batch_stats), {'loss': loss, **parts})
 
-  (loss, (batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    (_, (batch_stats, loss_metrics)), grads = grad_fn(
+        state.params, state.batch_stats, batch, step_rng)
+  else:
+    micro_batches = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(-1, grad_accum_steps, *x.shape[1:]), 0, 1), batch)
+
+    def accumulate(carry, inputs):
+      grad_sum, batch_stats = carry
+      index, micro_batch = inputs
+      (_, (batch_stats, loss_metrics)), grads = grad_fn(
+          state.params, batch_stats, micro_batch, jax.random.fold_in(step_rng, index))
+      return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), loss_metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grad_sum, batch_stats), loss_metrics = jax.lax.scan(
+        accumulate, (zeros, state.batch_stats), (jnp.arange(grad_accum_steps), micro_batches))
+    grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+    loss_metrics = jax.tree.map(jnp.mean, loss_metrics)
+  if axis_name:
+    grads, loss_metrics = jax.lax.pmean((grads, loss_metrics), axis_name)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return new_state, {'loss': loss, **parts, 'grad_norm': optax.tree.norm(grads),
+  return new_state, {**loss_metrics, 'grad_norm': optax.tree.norm(grads),
                      'learning_rate': learning_rate_fn(state.step)}
 
 
@@ -135,6 +175,8 @@ class Experiment:
     self.spec = data_lib.get_spec(config.dataset)
     self.sources = data_lib.load_sources(config.dataset)
     self.model = models_lib.get_model(config.model, self.spec.num_classes)
+    if config.half_precision:  # bfloat16 compute; parameters, BN statistics, logits float32
+      self.model = self.model.clone(dtype=jnp.bfloat16)
     self.mesh = parallel.make_mesh()
     replicated = parallel.replicated(self.mesh)
     batch_sharding = parallel.batch_sharding(self.mesh)
@@ -154,12 +196,15 @@ class Experiment:
                                   class_weights=self.class_weights)
     step = functools.partial(
         train_step, pixel_loss=pixel_loss, aux_loss_weight=config.loss.aux_weight,
-        learning_rate_fn=optim.learning_rate_schedule(config))
-    self.train_step = jax.jit(
-        step, in_shardings=(replicated, batch_sharding, replicated),
-        out_shardings=(replicated, replicated), donate_argnums=0)
+        learning_rate_fn=optim.learning_rate_schedule(config),
+        grad_accum_steps=config.grad_accum_steps)
+    step = with_nonfinite_check(step, skip=config.nonfinite == 'skip')
+    self.train_step = parallel.compile_step(step, self.mesh, config.parallelism)
+    self.predict = evaluate_lib.make_predict(
+        self.model, config.evaluation, num_classes=self.spec.num_classes,
+        crop_size=config.dataset.image_size)
     eval_step = evaluate_lib.make_eval_step(
-        self.model, num_classes=self.spec.num_classes, ignore_label=self.spec.ignore_label)
+        self.predict, num_classes=self.spec.num_classes, ignore_label=self.spec.ignore_label)
     self.eval_step = jax.jit(eval_step, in_shardings=(replicated, batch_sharding),
                              out_shardings=replicated)
     self.checkpoints = checkpoint_lib.Checkpoints(workdir, config.max_to_keep)
@@ -178,6 +223,69 @@ class Experiment:
                                self.config.dataset.check_label_batches)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     return evaluate_lib.evaluate(self.eval_step, variables, batches, self.mesh)
+
+
+def with_nonfinite_check(step_fn, *, skip):
+  """Wraps a train step `(state, batch, rng, **kw) -> (state, metrics)` to flag bad steps.
+
+  Adds the metric 'nonfinite': 1.0 for a step whose loss or gradient norm is NaN or Inf,
+  else 0.0; the loop reads it with the other metrics (no extra host sync per step). With
+  `skip`, such a step keeps the old params, batch_stats and opt_state (the step counter
+  still advances, so the following batches and dropout draws are those of an uninterrupted
+  run; optax's own step count lags by the skipped steps). The choice is made inside the
+  compiled step because the input state's buffers are donated.
+  """
+  def step(state, batch, rng, **kwargs):
+    new_state, metrics = step_fn(state, batch, rng, **kwargs)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    if skip:
+      keep = lambda new, old: jnp.where(finite, new, old)
+      new_state = new_state.replace(**{
+          field: jax.tree.map(keep, getattr(new_state, field), getattr(state, field))
+          for field in ('params', 'batch_stats', 'opt_state')})
+    return new_state, {**metrics, 'nonfinite': 1.0 - finite.astype(jnp.float32)}
+  return step
+
+
+def _nonfinite_steps(pending_metrics, done):
+  """The step numbers (as logged: 1 after the first step) among the last
+  len(pending_metrics) steps up to `done` whose loss or gradient norm was not finite."""
+  flags = jax.device_get([metrics['nonfinite'] for metrics in pending_metrics])
+  first = done - len(flags) + 1
+  return [first + index for index, flag in enumerate(flags) if np.any(flag)]
+
+
+def _raise_if_diverged(pending_metrics, done, checkpoints):
+  """Stops training at a non-finite step (nonfinite='stop'), naming it and the last good
+  checkpoint; the state of that step is never saved."""
+  bad = _nonfinite_steps(pending_metrics, done)
+  if not bad:
+    return
+  checkpoints.wait()
+  latest = checkpoints.latest_step()
+  last_good = (f'step {latest} ({checkpoints.path(latest)})' if latest is not None
+               else 'none (no checkpoint was saved yet)')
+  raise SegjaxError(
+      f'training diverged: the loss or gradient norm is NaN or Inf at step {bad[0]} (and at '
+      f'{len(bad) - 1} later step(s) up to {done}); nothing after it was saved. The last good '
+      f'checkpoint is {last_good}. Lower optimizer.learning_rate, set grad_clip_norm, or set '
+      "nonfinite='skip' to skip such steps.")
+
+
+def _train_summary(pending_metrics, done):
+  """Means of the pending steps' metrics, over the finite steps, and 'skipped_steps': how
+  many were not finite (skipped under nonfinite='skip'; 'stop' raised before)."""
+  bad = _nonfinite_steps(pending_metrics, done)
+  fetched = jax.device_get(pending_metrics)
+  first = done - len(fetched) + 1
+  kept = [metrics for index, metrics in enumerate(fetched) if first + index not in bad]
+  logged = jax.tree.map(lambda *xs: float(np.mean(xs)), *(kept or fetched))
+  del logged['nonfinite']
+  logged['skipped_steps'] = len(bad)
+  if bad:
+    tqdm.tqdm.write(f'warning: skipped step(s) {bad} (NaN or Inf loss or gradient norm; '
+                    "nonfinite='skip' kept the parameters of the step before)")
+  return logged
 
 
 class _StopSignal:
@@ -209,17 +317,33 @@ class _StopSignal:
 
 
 def _report(experiment, writer, state, result, *, full_table):
-  """Logs validation metrics, keeps the best checkpoint, prints a line or the whole table."""
+  """Logs validation metrics and image panels, keeps the best checkpoint, prints a line or the
+  whole table."""
   summary = metrics_lib.summary(result, experiment.spec.class_names)
   step = int(state.step)
   writer.write(step, 'val', summary)
+  visualize.log_validation_panels(experiment, writer, state)
   experiment.checkpoints.save_if_best(state, result['miou'])
   if full_table:
     tqdm.tqdm.write(f'\nValidation at step {step}:\n'
                     + metrics_lib.format_table(result, experiment.spec.class_names))
+    checkpoint = os.path.join(experiment.checkpoints.latest.directory, str(step))
+    _write_evaluation(experiment, step, result, checkpoint)
   else:
     tqdm.tqdm.write(f"step {step}: val mIoU {100 * result['miou']:.2f}  "
                     f"mAcc {100 * result['macc']:.2f}  aAcc {100 * result['aacc']:.2f}")
+
+
+def _write_evaluation(experiment, step, result, checkpoint):
+  """Writes the metrics, table and confusion plot of `result` to <workdir>/eval_<step>/."""
+  if jax.process_index() != 0:
+    return
+  config = experiment.config
+  directory = report.write(
+      os.path.join(experiment.workdir, f'eval_{step}'), result, experiment.spec.class_names,
+      step=step, checkpoint=str(checkpoint),
+      evaluation=evaluate_lib.settings(config.evaluation, config.dataset.image_size))
+  tqdm.tqdm.write(f'Metrics, table and confusion matrix written to {directory}')
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -231,11 +355,13 @@ def train_and_evaluate(config, workdir):
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2))
-  writer = metric_writer.MetricWriter(workdir, enabled=is_main)
   checkpoints = experiment.checkpoints
 
   state = checkpoints.restore(experiment.initial_state) or experiment.initial_state
   start_step = int(state.step)
+  # Records after the restored step are of steps done again now: they are dropped, so that
+  # the log of a resumed run equals that of an uninterrupted one.
+  writer = metric_writer.MetricWriter(workdir, enabled=is_main, start_step=start_step)
   if start_step >= config.total_steps:
     print(f'Training is complete (step {start_step} of {config.total_steps}); '
           f'evaluating the final checkpoint in {workdir}.')
@@ -252,6 +378,7 @@ def train_and_evaluate(config, workdir):
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, unit='step',
                        desc='train', dynamic_ncols=True, mininterval=1.0, disable=not is_main)
   started = time.time()
+  stop_on_nonfinite = config.nonfinite == 'stop'
   with _StopSignal() as stop:
     for step in range(start_step, config.total_steps):
       batch = parallel.to_global(next(batches), experiment.mesh)
@@ -260,30 +387,32 @@ def train_and_evaluate(config, workdir):
       progress.update()
       done = step + 1
 
-      if done % config.log_every == 0 or done == config.total_steps:
-        logged = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending_metrics))
+      log_now = done % config.log_every == 0 or done == config.total_steps
+      save_now = done % config.checkpoint_every == 0 or done == config.total_steps
+      eval_now = done % config.eval_every == 0 or done == config.total_steps
+      if stop_on_nonfinite and (log_now or save_now or eval_now):
+        _raise_if_diverged(pending_metrics, done, checkpoints)
+
+      if log_now:
+        logged = _train_summary(pending_metrics, done)
         pending_metrics = []
-        if not np.isfinite(logged['loss']):
-          raise SegjaxError(
-              f"training diverged: mean loss {logged['loss']} over steps up to {done}; the "
-              f'last good checkpoint is step {checkpoints.latest_step()} in {workdir}. Lower '
-              'optimizer.learning_rate or set grad_clip_norm.')
         logged['steps_per_second'] = (done - start_step) / (time.time() - started)
         writer.write(done, 'train', logged)
         progress.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['learning_rate']:.2e}")
-
-      if done % config.checkpoint_every == 0 or done == config.total_steps:
+      if save_now:
         checkpoints.save(state)
-      if done % config.eval_every == 0 or done == config.total_steps:
+      if eval_now:
         result = experiment.evaluate(state)
         _report(experiment, writer, state, result, full_table=done == config.total_steps)
       if stop.received:
+        if stop_on_nonfinite:
+          _raise_if_diverged(pending_metrics, done, checkpoints)
         checkpoints.save(state)
         checkpoints.wait()
         progress.close()
         raise SegjaxError(
-            f'stopped by {stop.received} after step {done}; checkpoint saved in {workdir}. '
-            'Rerun the same command to resume.')
+            f'stopped by {stop.received} after step {done}; checkpoint saved to '
+            f'{checkpoints.path(done)}. Rerun the same command to resume.')
   progress.close()
   checkpoints.wait()
   writer.close()
@@ -291,14 +420,19 @@ def train_and_evaluate(config, workdir):
 
 
 def evaluate_checkpoint(config, workdir, which='best'):
-  """Evaluates the `which` ('best' or 'latest') checkpoint of `workdir`; prints the table."""
+  """Evaluates the `which` ('best' or 'latest') checkpoint of `workdir`; prints the table and
+  writes the report (see `segjax.report`) to <workdir>/eval_<step>/."""
   experiment = Experiment(config, workdir)
   state = experiment.checkpoints.restore(experiment.initial_state, which)
   if state is None and which == 'best':
-    state = experiment.checkpoints.restore(experiment.initial_state, 'latest')
+    which = 'latest'
+    state = experiment.checkpoints.restore(experiment.initial_state, which)
   if state is None:
     raise SegjaxError(f'no checkpoint in {workdir}; train first (same --config and --workdir)')
+  step = int(state.step)
   result = experiment.evaluate(state)
-  print(f'Evaluation of the checkpoint at step {int(state.step)} in {workdir}:\n'
+  print(f'Evaluation of the checkpoint at step {step} in {workdir}:\n'
         + metrics_lib.format_table(result, experiment.spec.class_names))
+  manager = experiment.checkpoints.best if which == 'best' else experiment.checkpoints.latest
+  _write_evaluation(experiment, step, result, os.path.join(manager.directory, str(step)))
   return result

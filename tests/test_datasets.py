@@ -465,3 +465,112 @@ def test_prepared_data_is_reused_without_the_sources(tmp_path):
 def test_config_dependent_specs_need_the_config(name, field):
   with pytest.raises(ConfigError, match=f'depend on dataset.{field}: pass the dataset config'):
     data.get_spec(name)
+
+
+# ----------------------------------------------------------------------------- folder, channels
+
+def write_array_images(root, stems, channels, height=6, width=5):
+  """uint8 [H, W, C] .npy images and index masks; returns {file name: (image, label)}."""
+  rng = np.random.default_rng(6)
+  expected = {}
+  for stem in stems:
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    values = rng.choice([0, 1, IGNORE], (height, width)).astype(np.uint8)
+    os.makedirs(root / 'images', exist_ok=True)
+    np.save(root / 'images' / f'{stem}.npy', pixels)
+    write_label(str(root / 'masks' / f'{stem}.png'), values)
+    expected[f'images/{stem}.npy'] = (pixels, values)
+  (root / 'train.txt').write_text('\n'.join(stems[:-1]))
+  (root / 'val.txt').write_text(stems[-1])
+  return expected
+
+
+def channels_config(tmp_path, source, channels, **fields):
+  return dataset_config('folder', tmp_path, source, class_names=('a', 'b'),
+                        mean=(0.5,) * channels, std=(0.25,) * channels, **fields)
+
+
+@pytest.mark.parametrize('channels', [6, 3, 1])
+def test_folder_npy_images_of_any_channel_count_decode_pixel_by_pixel(tmp_path, channels):
+  source = tmp_path / 'bands'
+  expected = write_array_images(source, ['a', 'b', 'c'], channels)
+  _, splits = decoded(channels_config(tmp_path, source, channels))
+  assert sorted(splits['train']) == ['images/a.npy', 'images/b.npy']
+  for split in splits.values():
+    for file_name, (image, label) in split.items():
+      assert image.dtype == np.uint8
+      np.testing.assert_array_equal(image, expected[file_name][0])
+      np.testing.assert_array_equal(label, expected[file_name][1])
+
+
+def test_folder_multichannel_tiff_and_rgba_png(tmp_path):
+  tifffile = pytest.importorskip('tifffile')
+  source = tmp_path / 'mixed'
+  rng = np.random.default_rng(7)
+  six = rng.integers(0, 256, (4, 5, 6), dtype=np.uint8)
+  os.makedirs(source / 'images')
+  tifffile.imwrite(source / 'images' / 'interleaved.tif', six, photometric='minisblack',
+                   planarconfig='contig')
+  tifffile.imwrite(source / 'images' / 'planar.tif', np.moveaxis(six, -1, 0),
+                   photometric='minisblack', planarconfig='separate')
+  for stem in ('interleaved', 'planar'):
+    write_label(str(source / 'masks' / f'{stem}.png'), np.zeros((4, 5)))
+  (source / 'train.txt').write_text('interleaved\n')
+  (source / 'val.txt').write_text('planar\n')
+  _, splits = decoded(channels_config(tmp_path, source, 6))
+  np.testing.assert_array_equal(splits['train']['images/interleaved.tif'][0], six)
+  np.testing.assert_array_equal(splits['validation']['images/planar.tif'][0], six)
+
+
+def test_folder_rgba_png_gives_four_channels(tmp_path):
+  source = tmp_path / 'rgbd'
+  rgbd = np.random.default_rng(8).integers(0, 256, (4, 5, 4), dtype=np.uint8)
+  os.makedirs(source / 'images')
+  for stem in ('a', 'b'):
+    Image.fromarray(rgbd).save(source / 'images' / f'{stem}.png')
+    write_label(str(source / 'masks' / f'{stem}.png'), np.ones((4, 5)))
+  (source / 'train.txt').write_text('a\n')
+  (source / 'val.txt').write_text('b\n')
+  _, splits = decoded(channels_config(tmp_path, source, 4))
+  np.testing.assert_array_equal(splits['train']['images/a.png'][0], rgbd)
+
+
+def test_folder_channel_count_mismatch_names_the_files(tmp_path):
+  source = tmp_path / 'bands'
+  write_array_images(source, ['a', 'b'], 4)
+  np.save(source / 'images' / 'b.npy', np.zeros((6, 5, 5), np.uint8))
+  with pytest.raises(DataError) as error:
+    data.load_sources(channels_config(tmp_path, source, 4))
+  assert (f'{source / "images" / "b.npy"}: has 5 channels but dataset.mean and dataset.std '
+          'have 4 values' in str(error.value))
+  with pytest.raises(DataError, match=r'a.npy: has 4 channels but dataset.mean and '
+                                      r'dataset.std have 3 values'):
+    data.load_sources(channels_config(tmp_path, source, 3))
+  np.save(source / 'images' / 'b.npy', np.zeros((6, 5, 4), np.float32))
+  with pytest.raises(DataError, match=r'b.npy: holds a float32 array of shape \(6, 5, 4\); '
+                                      'store uint8'):
+    data.load_sources(channels_config(tmp_path, source, 4))
+
+
+def test_folder_multichannel_training_batches_are_normalised_per_channel(tmp_path):
+  source = tmp_path / 'bands'
+  expected = write_array_images(source, ['a', 'b', 'c', 'd'], 6, height=12, width=10)
+  config = configs.base_config()
+  config.dataset = channels_config(tmp_path, source, 6, image_size=8, photometric=True,
+                                   cat_max_ratio=0.9, min_scale=1.0, max_scale=1.0)
+  config.dataset.mean = tuple(0.1 * c for c in range(6))
+  config.dataset.std = tuple(0.2 + 0.1 * c for c in range(6))
+  config.batch_size = 2
+  spec = data.get_spec(config.dataset)
+  batch = next(pipeline.train_batches(data.load_sources(config.dataset)['train'], spec, config,
+                                      start_step=0))
+  assert batch['image'].shape == (2, 8, 8, 6) and batch['image'].dtype == np.float32
+  pixels = 255 * (batch['image'] * np.array(config.dataset.std) + np.array(config.dataset.mean))
+  # Channels 3-5 are not distorted (photometric_channels=3) nor resampled (scale 1): each
+  # holds values of that channel of the training images.
+  for channel in range(3, 6):
+    values = np.round(pixels[..., channel]).ravel()
+    np.testing.assert_allclose(pixels[..., channel].ravel(), values, atol=1e-3)
+    originals = np.concatenate([image[..., channel].ravel() for file_name, (image, _)
+                                in expected.items() if not file_name.endswith('d.npy')])
+    assert set(values.tolist()) <= set(originals.tolist())

@@ -103,6 +103,26 @@ def test_v3plus_decoder_projects_stage1_to_48_channels(depth, low_level_channels
   assert aspp_project.shape == (1, 1, 5 * 256, 256)  # 1x1 + 3 atrous + image pooling
 
 
+def test_without_aspp_a_1x1_projection_replaces_it():
+  model = deeplab.Model(num_classes=3, variant='v3', backbone_depth=18, aspp=False,
+                        aspp_features=32)
+  logits, variables, _, dilations = traced_init(
+      model, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  assert logits.shape == (1, 32, 32, 3)
+  assert 'aspp' not in variables['params']
+  assert variables['params']['head_project']['Conv_0']['kernel'].shape == (1, 1, 512, 32)
+  assert variables['params']['classifier']['kernel'].shape == (1, 1, 32, 3)
+  assert not any(path.startswith('aspp') for path in dilations)
+  with_aspp = deeplab.Model(num_classes=3, variant='v3', backbone_depth=18, aspp_features=32)
+  _, aspp_variables, _, _ = traced_init(
+      with_aspp, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  # ASPP's branches: 1x1 and 3 atrous 3x3 on 512 channels, pooling 1x1, 5x32 -> 32 project.
+  aspp_params = num_params(aspp_variables['params']['aspp'])
+  assert aspp_params == (512 * 32 + 3 * 9 * 512 * 32 + 512 * 32 + 5 * 32 * 32) + 6 * 2 * 32
+  assert num_params(variables['params']) == (
+      num_params(aspp_variables['params']) - aspp_params + 512 * 32 + 2 * 32)
+
+
 def test_v3_resnet50_parameter_count_equals_torchvision_without_aux_and_head_conv():
   # torchvision's deeplabv3_resnet50 (21 classes, aux_loss=True) has 42,004,074 parameters.
   # Excluded: its aux classifier FCNHead(1024, 21) (3x3 conv 1024->256 without bias, BN,

@@ -93,3 +93,13 @@ def test_variant_arguments_are_parsed_and_checked():
   assert (config.model.depth, config.model.features) == (4, 8)
   with pytest.raises(configs.ConfigError, match=r"bad config argument 'width=3'.*depth"):
     get_config('width=3')
+
+
+@pytest.mark.parametrize('path', EXPERIMENTS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_building_a_variant_leaves_the_default_unchanged(path):
+  """Variant defaults may hold mutable FieldReferences: a variant must not leak into them."""
+  module = load_module(path)
+  default = module.get_config().to_dict()
+  for name in getattr(module, 'RECIPES', {}):
+    module.get_config(name)
+  assert module.get_config().to_dict() == default

@@ -66,3 +66,43 @@ def test_class_only_predicted_counts_as_zero_iou():
   assert result['present'][2] and result['iou'][2] == 0
   assert result['miou'] == pytest.approx((0.8 + 1.0 + 0.0) / 3)
   assert result['macc'] == pytest.approx((0.8 + 1.0) / 2)  # accuracy: classes in truth
+
+
+def test_metrics_match_per_pixel_masks():
+  """Every metric from boolean masks of the pixels, not from a confusion matrix."""
+  rng = np.random.default_rng(3)
+  num_classes, ignore_label = 5, 255
+  labels = rng.choice([0, 1, 2, 4, ignore_label], size=(2, 16, 12), p=[.4, .2, .2, .1, .1])
+  predictions = rng.choice([0, 1, 2, 3], size=labels.shape)  # 3: predicted, never true
+  confusion = metrics.confusion_matrix(jnp.asarray(predictions), jnp.asarray(labels),
+                                       num_classes=num_classes, ignore_label=ignore_label)
+  result = metrics.from_confusion(np.asarray(confusion))
+
+  valid = labels != ignore_label
+  iou, dice, acc, frequency = {}, {}, {}, {}
+  for c in range(num_classes):
+    truth, predicted = (labels == c) & valid, (predictions == c) & valid
+    both, either = np.sum(truth & predicted), np.sum(truth | predicted)
+    if either:
+      iou[c] = both / either
+      dice[c] = 2 * both / (truth.sum() + predicted.sum())
+    if truth.any():
+      acc[c] = both / truth.sum()
+      frequency[c] = truth.sum() / valid.sum()
+  assert sorted(iou) == [0, 1, 2, 3, 4] and sorted(acc) == [0, 1, 2, 4]
+  assert result['miou'] == pytest.approx(np.mean(list(iou.values())))
+  assert result['mdice'] == pytest.approx(np.mean(list(dice.values())))
+  assert result['macc'] == pytest.approx(np.mean(list(acc.values())))
+  assert result['aacc'] == pytest.approx(np.mean(predictions[valid] == labels[valid]))
+  assert result['fwiou'] == pytest.approx(sum(frequency[c] * iou[c] for c in frequency))
+  for c in range(num_classes):
+    assert result['iou'][c] == pytest.approx(iou[c])
+  assert 'fwIoU' in metrics.format_table(result, [str(c) for c in range(num_classes)])
+  assert set(metrics.summary(result, [])) == {'miou', 'macc', 'aacc', 'mdice', 'fwiou'}
+
+
+def test_frequency_weighted_iou_on_a_small_matrix():
+  # Ground-truth pixels 10 and 30; IoU 8/(10+10-8) = 2/3 and 28/(30+30-28) = 7/8.
+  confusion = np.array([[8, 2], [2, 28]])
+  assert metrics.from_confusion(confusion)['fwiou'] == pytest.approx(
+      0.25 * 2 / 3 + 0.75 * 7 / 8)

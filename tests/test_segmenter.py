@@ -180,6 +180,33 @@ def test_backbone_module_is_none_when_the_depth_departs_from_the_size():
   assert segmenter.Model(num_classes=2, size='base', depth=6).backbone_module() is None
 
 
+def test_stem_field_reaches_the_encoder():
+  model = segmenter.Model(num_classes=5, stem='conv', **SMALL)
+  images = jax.ShapeDtypeStruct((2, 32, 48, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  backbone = variables['params']['backbone']
+  assert 'conv_stem' in backbone and 'patch_embed' not in backbone
+  assert set(variables['batch_stats']['backbone']['conv_stem']) == {'convs_0', 'convs_1',
+                                                                    'convs_2'}
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  assert logits.shape == (2, 32, 48, 5)
+
+
+def test_conv_stem_has_no_published_weights_so_init_from_is_refused(tmp_path):
+  # timm's blocks were trained on patch-embedding tokens: a random conv stem feeding them
+  # would not be a pretrained encoder, so the whole backbone is refused, not mapped in part.
+  assert segmenter.Model(num_classes=2, size='base', stem='conv').backbone_module() is None
+  config = load_experiment().get_config()  # the default: a conv stem
+  config.init_from = str(tmp_path / 'vit_tiny_patch8.safetensors')
+  open(config.init_from, 'wb').close()
+  with pytest.raises(ConfigError, match="model 'segmenter' with these fields cannot start "
+                                        'from published backbone weights'):
+    configs.validate(config)
+  config.model.stem, config.model.stem_convs_per_stage = 'patch', 1
+  config.model.depth = 0  # the published ViT-Ti/8: accepted
+  configs.validate(config)
+
+
 @pytest.mark.parametrize('fields,match', [
     ({'decoder': 'upernet'}, r"unknown Segmenter decoder 'upernet'; use one of "
                              r"\('linear', 'mask'\)"),
@@ -187,6 +214,7 @@ def test_backbone_module_is_none_when_the_depth_departs_from_the_size():
     ({'size': 'huge'}, r'size must be one of'),
     ({'patch_size': 32}, r'patch_size must be one of \(8, 16\)'),
     ({'drop_path_rate': 1.0}, r'drop_path_rate must be in \[0, 1\)'),
+    ({'stem': 'hybrid'}, r"stem must be one of \('patch', 'conv'\)"),
 ])
 def test_bad_fields_are_refused_at_construction(fields, match):
   with pytest.raises(ValueError, match=match):
@@ -222,6 +250,7 @@ def test_default_experiment_validates_and_trains_on_shapes():
   config = load_experiment().get_config()
   configs.validate(config)
   assert config.model.name == 'segmenter' and config.dataset.name == 'shapes'
+  assert (config.model.stem, config.model.stem_convs_per_stage) == ('conv', 2)
   assert config.dataset.image_size % config.model.patch_size == 0
 
 
@@ -246,6 +275,8 @@ def test_recipes_reproduce_the_papers_training_settings(name):
   assert (config.model.size, config.model.patch_size, config.model.decoder) == (
       size, patch, decoder)
   assert config.model.depth == 0 and config.model.decoder_layers == 2
+  # The published ViTs' patch embedding.
+  assert (config.model.stem, config.model.stem_convs_per_stage) == ('patch', 1)
   assert config.model.pretrained_image_size == config.dataset.image_size == crop
   assert (config.model.drop_path_rate, config.model.dropout) == (0.1, 0.0)
   assert config.model.decoder_dropout == 0.1

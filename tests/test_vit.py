@@ -229,6 +229,9 @@ def test_drop_path_drops_whole_examples_and_rescales_the_rest():
     ({'patch_size': 14}, r'patch_size must be one of \(8, 16\).*got 14'),
     ({'pretrained_image_size': 100}, r'multiple of patch_size 16, got 100'),
     ({'depth': -1}, r'depth must be 0'),
+    ({'stem': 'hybrid'}, r"stem must be one of \('patch', 'conv'\), got 'hybrid'"),
+    ({'stem': 'conv', 'stem_convs_per_stage': 0}, r'stem_convs_per_stage must be a positive'),
+    ({'stem_convs_per_stage': 2}, r"applies to stem='conv' only"),
 ])
 def test_bad_fields_are_refused_with_the_valid_values(fields, match):
   with pytest.raises(ValueError, match=match):
@@ -239,3 +242,108 @@ def test_input_not_divisible_by_the_patch_size_is_refused(tiny):
   model, variables, _, _ = tiny
   with pytest.raises(ValueError, match=r'divisible by 8, got \(36, 32\).*multiple of 8'):
     model.apply(variables, jnp.zeros((1, 36, 32, 3)), train=False)
+
+
+# ---------------------------------------------------------------------------- conv stem
+
+def conv_stem_count(width, patch, per_stage=1, channels=3):
+  """Parameters (and BatchNorm statistics) of Xiao et al.'s stem, layer by layer."""
+  params = stats = 0
+  num_stages = int(math.log2(patch))
+  for i in range(num_stages):
+    out = width // 2 ** (num_stages - 1 - i)
+    for _ in range(per_stage):
+      params += 3 * 3 * channels * out + 2 * out  # bias-free 3x3 conv, BatchNorm scale, bias
+      stats += 2 * out  # BatchNorm mean and var
+      channels = out
+  return params + channels * width + width, stats  # the 1x1 projection, with bias
+
+
+@pytest.mark.parametrize('size,patch,per_stage', [
+    ('tiny', 8, 1), ('tiny', 16, 1), ('small', 16, 1), ('tiny', 8, 2), ('tiny', 8, 3)])
+def test_conv_stem_replaces_only_the_patch_embedding(size, patch, per_stage):
+  width, depth, _ = vit.SIZES[size]
+  variables = abstract_params(ViT(size=size, patch_size=patch, stem='conv',
+                                  stem_convs_per_stage=per_stage))
+  params = variables['params']
+  assert 'patch_embed' not in params
+  stem, stats = conv_stem_count(width, patch, per_stage)
+  patch_embed = 3 * patch * patch * width + width
+  grid = 224 // patch
+  assert num_params(params) == (timm_count(width, depth, patch, grid, classes=0) - patch_embed
+                                + stem)
+  assert num_params(variables['batch_stats']) == stats
+  # The paper's ViT_C-1GF stem (width 192, patch 16): 3x3 convs of 24, 48, 96, 192 channels.
+  num_stages = int(math.log2(patch))
+  channels = [params['conv_stem'][f'convs_{i}']['Conv_0']['kernel'].shape[-1]
+              for i in range(num_stages * per_stage)]
+  assert channels == [width // 2 ** i for i in reversed(range(num_stages))
+                      for _ in range(per_stage)]
+  assert params['conv_stem']['proj']['kernel'].shape == (1, 1, width, width)
+
+
+@pytest.fixture(scope='module')
+def conv_tiny():
+  """(model, variables, jitted eval apply) of the 2-block ViT-Ti/8 of `tiny` with a conv stem
+  of two convolutions per stage (stride 2, then stride 1)."""
+  model = ViT(**TINY, stem='conv', stem_convs_per_stage=2)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(images)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return model, variables, apply
+
+
+def numpy_conv3x3(x, kernel, stride):
+  """[B, H, W, C] (H, W even) -> [B, H/s, W/s, F] in float64 with 'SAME' padding: one pixel
+  of zeros each side at stride 1; at stride 2 only after the input (PyTorch's padding=1
+  would put one each side)."""
+  before = 1 if stride == 1 else 0
+  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (before, 1), (before, 1), (0, 0)))
+  out_h, out_w = x.shape[1] // stride, x.shape[2] // stride
+  kernel = np.asarray(kernel, np.float64)
+  return sum(padded[:, dy:dy + stride * out_h:stride, dx:dx + stride * out_w:stride]
+             @ kernel[dy, dx] for dy in range(3) for dx in range(3))
+
+
+def numpy_conv_stem(params, stats, images, per_stage):
+  """The stem in float64 NumPy: 3x3 convs (stride 2 first in each stage, then stride 1),
+  BatchNorm with running statistics (epsilon 1e-5), ReLU; then the 1x1 conv with bias."""
+  x = images
+  for i in range(len(stats)):
+    y = numpy_conv3x3(x, params[f'convs_{i}']['Conv_0']['kernel'], 1 if i % per_stage else 2)
+    bn, running = params[f'convs_{i}']['BatchNorm_0'], stats[f'convs_{i}']['BatchNorm_0']
+    y = (y - running['mean']) / np.sqrt(running['var'] + 1e-5) * bn['scale'] + bn['bias']
+    x = np.maximum(y, 0)
+  proj = params['proj']
+  return x @ np.asarray(proj['kernel'], np.float64)[0, 0] + proj['bias']
+
+
+def test_conv_stem_keeps_the_token_grid_and_matches_a_numpy_implementation(conv_tiny):
+  _, variables, apply = conv_tiny
+  for shape in [(2, 32, 32, 3), (1, 48, 64, 3)]:
+    images = jax.random.normal(jax.random.key(4), shape)
+    assert apply(variables, images).shape == (shape[0], shape[1] // 8, shape[2] // 8, 192)
+  # Non-trivial running statistics, so the reference sees how they are applied.
+  stats = jax.tree.map(lambda x: x + 0.3 * jax.random.uniform(jax.random.key(5), x.shape),
+                       variables['batch_stats'])['conv_stem']
+  params = variables['params']['conv_stem']
+  images = jax.random.normal(jax.random.key(6), (2, 32, 32, 3))
+  assert len(stats) == 6  # 3 stages of 2
+  embedded = vit.ConvStem(192, 8, convs_per_stage=2).apply(
+      {'params': params, 'batch_stats': stats}, images, train=False)
+  assert embedded.shape == (2, 4, 4, 192)
+  np.testing.assert_allclose(embedded, numpy_conv_stem(params, stats, images, per_stage=2),
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_conv_stem_batch_norm_uses_batch_statistics_when_training(conv_tiny):
+  model, variables, apply = conv_tiny
+  images = 2.0 + jax.random.normal(jax.random.key(7), (2, 32, 32, 3))
+  trained, updated = model.apply(variables, images, train=True, mutable=['batch_stats'])
+  first = lambda tree: tree['conv_stem']['convs_0']['BatchNorm_0']
+  conv = numpy_conv3x3(images, variables['params']['conv_stem']['convs_0']['Conv_0']['kernel'],
+                       stride=2)
+  # PyTorch's momentum 0.1 from the initial mean 0.
+  np.testing.assert_allclose(first(updated['batch_stats'])['mean'], 0.1 * conv.mean((0, 1, 2)),
+                             atol=1e-5, rtol=1e-4)
+  assert not np.allclose(trained, apply(variables, images), atol=1e-3)

@@ -1,7 +1,7 @@
 """A user's own dataset: a directory of images and a directory of label masks.
 
 Layout under `dataset.source_dir` (the two directory names are config fields):
-  images/<stem>.{jpg,jpeg,png,bmp,tif,tiff,webp}   dataset.image_dir; subdirectories allowed
+  images/<stem>.{jpg,jpeg,png,bmp,tif,tiff,webp,npy}  dataset.image_dir; subdirectories allowed
   masks/<stem>.{png,bmp,tif,tiff}                   dataset.mask_dir; lossless formats only
   train.txt and val.txt                             optional split lists, one stem a line
 An image and its mask pair by their path inside their directory without the extension
@@ -17,11 +17,20 @@ Masks are either
     or dropped; add such colours to `dataset.ignore_colours` to ignore them.
 Classes: `dataset.class_names`, whose length is num_classes; the ignore label is 255.
 
+Images have len(dataset.mean) channels (RGB-D, multispectral, ...): .npy files hold uint8
+[H, W, C] (or [H, W]) arrays; TIFFs that PIL cannot read whole (more than 4 channels,
+planar, several pages: one page a channel) are read with the optional `tifffile` package;
+other files with PIL as they are (L: 1 channel, LA: 2, RGB: 3, RGBA: 4). With 3 channels
+every PIL image is converted to RGB (grayscale, palette, RGBA, CMYK files). An image with
+another channel count is an error naming it and both counts.
+
 Splits: with both train.txt and val.txt in the source directory, those (entries are stems,
 an extension is allowed; unlisted images are not used); otherwise a stem goes to validation
 when its CRC32 falls in the first `dataset.validation_fraction` of the range, which keeps
 every assignment when files are added. Images without a mask, masks without an image and
 list entries without an image are all listed in one `DataError`.
+Unreadable files and masks of another size than their image are skipped, listed with their
+paths in a warning (an error if nothing else is left, or with other problems).
 
 The prepared data is named by a fingerprint of these settings and of the file listing
 (names, sizes, modification times): changing a file or a setting prepares it again.
@@ -41,13 +50,15 @@ from segjax.data import prepare
 from segjax.errors import ConfigError, DataError
 
 IGNORE_LABEL = 255
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.npy')
+TIFF_EXTENSIONS = ('.tif', '.tiff')
+PIL_MODES = {'1': 'L', 'L': 'L', 'LA': 'LA', 'P': 'RGB', 'RGB': 'RGB', 'RGBA': 'RGBA'}
 MASK_EXTENSIONS = ('.png', '.bmp', '.tif', '.tiff')
 SPLIT_LISTS = {'train': 'train.txt', 'validation': 'val.txt'}
 
 LAYOUT = """\
 A folder dataset is read from {source} (dataset.source_dir) in this layout:
-  <dataset.image_dir>/<stem>.jpg (or .jpeg .png .bmp .tif .tiff .webp)
+  <dataset.image_dir>/<stem>.jpg (or .jpeg .png .bmp .tif .tiff .webp .npy)
   <dataset.mask_dir>/<stem>.png (or .bmp .tif .tiff; JPEG would change the label values)
   train.txt and val.txt (optional: one stem per line)
 image_dir and mask_dir are relative to source_dir (or absolute): 'images' and 'masks' by
@@ -112,6 +123,7 @@ class FolderConfig(tfds.core.BuilderConfig):
   palette: tuple = ()
   ignore_colours: tuple = ()
   validation_fraction: float = 0.1
+  num_channels: int = 3
 
 
 def builder_config(dataset_config, source):
@@ -125,7 +137,8 @@ def builder_config(dataset_config, source):
                 num_classes=len(dataset_config.class_names),
                 palette=_colours(dataset_config.palette),
                 ignore_colours=_colours(dataset_config.ignore_colours),
-                validation_fraction=float(dataset_config.validation_fraction))
+                validation_fraction=float(dataset_config.validation_fraction),
+                num_channels=len(dataset_config.mean))
   files = [os.path.join(source, name) for name in SPLIT_LISTS.values()]
   for directory in (image_dir, mask_dir):
     for root, _, names in os.walk(directory):
@@ -142,6 +155,7 @@ class SegmentationFolder(prepare.FilesBuilder, skip_registration=True):
   name = 'segmentation_folder'
   MANUAL_DOWNLOAD_INSTRUCTIONS = LAYOUT
   RAW_LABELS = frozenset(range(256))  # read_label checks the values against the classes
+  SKIP_BAD_PAIRS = True  # unreadable or mismatched pairs are listed in a warning, not fatal
 
   def find_examples(self, source):
     config = self.builder_config
@@ -183,6 +197,24 @@ class SegmentationFolder(prepare.FilesBuilder, skip_registration=True):
     return {split: [(images[stem], masks[stem]) for stem in names]
             for split, names in stems.items()}
 
+  def image_feature(self):
+    if self.builder_config.num_channels == 3:
+      return super().image_feature()
+    return tfds.features.Tensor(shape=(None, None, self.builder_config.num_channels),
+                                dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB)
+
+  def read_image(self, path):
+    channels = self.builder_config.num_channels
+    array = _array_file(path)
+    if array is None and channels == 3:
+      return prepare.encode_image(path)
+    if array is None:
+      array = _pil_array(path)
+    if array.shape[-1] != channels:
+      raise DataError(f'has {array.shape[-1]} channels but dataset.mean and dataset.std have '
+                      f'{channels} values; give one mean and std per image channel')
+    return prepare.png_bytes(array) if channels == 3 else array, array.shape[:2]
+
   @functools.cached_property
   def _class_of_colour(self):
     """{24-bit colour code: class index or IGNORE_LABEL}."""
@@ -218,6 +250,57 @@ class SegmentationFolder(prepare.FilesBuilder, skip_registration=True):
                       f'dataset.ignore_colours: {found}')
     values = table[inverse].reshape(codes.shape).astype(np.uint8)
     return values, prepare.png_bytes(values)
+
+
+def _array_file(path):
+  """uint8 [H, W, C] of a .npy file or of a TIFF that PIL cannot read whole, else None."""
+  extension = os.path.splitext(path)[1].lower()
+  if extension == '.npy':
+    array = np.load(path, allow_pickle=False)
+  elif extension in TIFF_EXTENSIONS and not _pil_reads_whole(path):
+    array = _tiff_array(path)
+  else:
+    return None
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3 or array.dtype != np.uint8:
+    raise DataError(f'holds a {array.dtype} array of shape {array.shape}; store uint8 '
+                    '[height, width, channels] (or [height, width]) with values 0-255')
+  return array
+
+
+def _pil_reads_whole(path):
+  """Whether PIL reads the image at `path` as one page."""
+  try:
+    with Image.open(path) as image:
+      return getattr(image, 'n_frames', 1) == 1
+  except Image.UnidentifiedImageError:
+    return False
+
+
+def _tiff_array(path):
+  """A TIFF's pixels [H, W, C] (samples or pages as channels), read with tifffile."""
+  try:
+    import tifffile  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError('is a TIFF that PIL cannot read whole (more than 4 channels, planar or '
+                    'several pages); pip install tifffile to read it') from e
+  with tifffile.TiffFile(path) as tiff:
+    series = tiff.series[0]
+    array, axes = series.asarray(), series.axes
+  if array.ndim == 3 and axes[0] != 'Y':  # channels first: planar samples or pages
+    array = np.moveaxis(array, 0, -1)
+  return array
+
+
+def _pil_array(path):
+  """uint8 [H, W, C] of an image PIL reads: L, LA, RGB, RGBA as they are (1, 2, 3, 4)."""
+  with Image.open(path) as image:
+    if image.mode not in PIL_MODES:
+      raise DataError(f'is a {image.mode} image; store 8-bit grayscale, RGB or RGBA, or a '
+                      'uint8 .npy array [height, width, channels]')
+    array = np.asarray(image.convert(PIL_MODES[image.mode]))
+  return array[..., None] if array.ndim == 2 else array
 
 
 def load(dataset_config, data_dir):

@@ -13,21 +13,40 @@ from segjax.errors import DataError
 EVAL_PAD_MULTIPLE = 32  # the default evaluation pad size is rounded up to a multiple of this
 
 
-def decode(example, spec):
-  """TFDS example -> (image uint8 [H, W, 3], label uint8 [H, W]).
+def decode(example, spec, num_channels=None, index=None):
+  """TFDS example -> (image uint8 [H, W, C], label uint8 [H, W]).
 
   The label holds class indices or `spec.ignore_label`: the raw values of the prepared
-  files mapped through `spec.label_map`.
+  files mapped through `spec.label_map`. With `num_channels` (len(dataset.mean)), an image
+  of another channel count is a `DataError` naming it (`index`: its place in the split).
   """
-  label = example['segmentation_mask'][..., 0]
+  image, label = example['image'], example['segmentation_mask'][..., 0]
+  if num_channels is not None and image.shape[-1] != num_channels:
+    raise DataError(
+        f'dataset {spec.name!r}: image {_example_name(example, index)} has '
+        f'{image.shape[-1]} channels but dataset.mean and dataset.std have {num_channels} '
+        'values; give one mean and std per image channel')
   if spec.label_map is not None:
     label = np.asarray(spec.label_map, np.uint8)[label]
-  return example['image'], label
+  return image, label
 
 
 def _example_name(example, index):
   name = example.get('file_name')
-  return name.decode() if isinstance(name, bytes) else f'example {index}'
+  if isinstance(name, bytes):
+    return name.decode()
+  return 'without a file name' if index is None else f'example {index}'
+
+
+def photometric(dataset_config):
+  """The `transforms.Photometric` of `dataset_config`, or None when dataset.photometric is off."""
+  if not dataset_config.photometric:
+    return None
+  return transforms.Photometric(
+      brightness_delta=dataset_config.brightness_delta,
+      contrast_range=tuple(dataset_config.contrast_range),
+      saturation_range=tuple(dataset_config.saturation_range),
+      hue_delta=dataset_config.hue_delta, channels=dataset_config.photometric_channels)
 
 
 def max_image_size(source):
@@ -67,11 +86,14 @@ def train_batches(source, spec, config, *, start_step, process_index=0, process_
   """
   data = config.dataset
   local_batch = config.batch_size // process_count
+  distortion = photometric(data)
 
   def augment(example, rng):
     image, label = transforms.train_augment(
-        rng, *decode(example, spec), crop_size=data.image_size, min_scale=data.min_scale,
-        max_scale=data.max_scale, flip=data.flip, ignore_label=spec.ignore_label)
+        rng, *decode(example, spec, len(data.mean)), crop_size=data.image_size,
+        min_scale=data.min_scale, max_scale=data.max_scale, flip=data.flip,
+        ignore_label=spec.ignore_label, base_size=data.base_size,
+        cat_max_ratio=data.cat_max_ratio, photometric=distortion)
     return {'image': transforms.normalize(image, data.mean, data.std),
             'label': label.astype(np.int32)}
 
@@ -99,7 +121,7 @@ def eval_batches(source, spec, config):
   pad_height, pad_width = eval_pad_size(source, data)
 
   def prepare(index, example):
-    image, label = decode(example, spec)
+    image, label = decode(example, spec, len(data.mean), index)
     height, width = label.shape
     if height > pad_height or width > pad_width:
       raise DataError(

@@ -5,12 +5,15 @@ files in the source directory (TFDS's manual dir, `dataset.source_dir`), reads a
 every one of them, and writes ArrayRecord files once into `dataset.data_dir`. Each example:
   image: uint8 [H, W, 3] once decoded; the file's own bytes when it is an RGB JPEG or PNG,
     else the image converted to RGB and stored as PNG (grayscale, CMYK, RGBA, ... files).
+    A builder may store other channel counts (`image_feature`, `read_image`: the folder
+    dataset's multi-channel images are zlib-compressed uint8 [H, W, C] tensors).
   segmentation_mask: uint8 [H, W, 1] once decoded; the annotation's raw values (before the
     dataset's `label_map`) as a single-channel PNG, so a palette PNG stores its indices.
   file_name: the image's path relative to the source directory.
 Problems (unreadable files, image and label of different sizes, label values the dataset
 does not define) are collected over a whole split and reported together, with paths, in one
-`DataError`; nothing is written then. The dataset info's metadata records
+`DataError`; nothing is written then. A builder with `SKIP_BAD_PAIRS` (the user's folder
+dataset) skips unreadable and size-mismatched pairs instead, listing them in a warning. The dataset info's metadata records
 `max_size[split] = [height, width]`, the largest image of each split, in pixels.
 """
 import abc
@@ -111,19 +114,20 @@ class FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   Subclasses set `name`, `RAW_LABELS` (the label values the annotations may hold),
   `MANUAL_DOWNLOAD_INSTRUCTIONS` (the expected layout and where to get the files, with
   '{source}' where the source directory goes) and implement `find_examples`; they may
-  override `read_label`.
+  override `read_label`, and `image_feature` with `read_image` for images that are not RGB.
   """
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   HOMEPAGE = ''
   RAW_LABELS = frozenset()
+  SKIP_BAD_PAIRS = False  # True: skip unreadable or size-mismatched pairs with a warning
 
   def _info(self):
     return tfds.core.DatasetInfo(
         builder=self, description=self.__doc__, homepage=self.HOMEPAGE,
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3)),
+            'image': self.image_feature(),
             'segmentation_mask': tfds.features.Image(shape=(None, None, 1)),
             'file_name': tfds.features.Text(),
         }),
@@ -135,6 +139,14 @@ class FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     Raises `DataError` naming what is missing.
     """
+
+  def image_feature(self):
+    """The TFDS feature of the images: RGB, stored as JPEG or PNG."""
+    return tfds.features.Image(shape=(None, None, 3))
+
+  def read_image(self, path):
+    """Image file -> (what `image_feature` encodes, (height, width)); `DataError` if bad."""
+    return encode_image(path)
 
   def read_label(self, path):
     """Label file -> (uint8 [H, W] raw values, single-channel PNG bytes)."""
@@ -148,20 +160,29 @@ class FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split, pairs, source):
     problems, max_size = [], np.zeros(2, np.int64)
+    # Unreadable files and image/label size mismatches: skipped with a warning when the
+    # builder allows it (SKIP_BAD_PAIRS), else problems like the others.
+    skipped = [] if self.SKIP_BAD_PAIRS else problems
     for image_path, label_path in pairs:
       try:
-        image, image_size = encode_image(image_path)
-      except (DataError, *_READ_ERRORS) as e:
-        problems.append(f'{image_path}: unreadable ({e})')
+        image, image_size = self.read_image(image_path)
+      except DataError as e:
+        problems.append(f'{image_path}: {e}')
+        continue
+      except _READ_ERRORS as e:
+        skipped.append(f'{image_path}: unreadable ({e})')
         continue
       try:
         values, label = self.read_label(label_path)
-      except (DataError, *_READ_ERRORS) as e:
+      except DataError as e:
         problems.append(f'{label_path}: {e}')
         continue
+      except _READ_ERRORS as e:
+        skipped.append(f'{label_path}: unreadable ({e})')
+        continue
       if values.shape != image_size:
-        problems.append(f'{label_path} is {values.shape[0]}x{values.shape[1]} but its image '
-                        f'{image_path} is {image_size[0]}x{image_size[1]} (height x width)')
+        skipped.append(f'{label_path} is {values.shape[0]}x{values.shape[1]} but its image '
+                       f'{image_path} is {image_size[0]}x{image_size[1]} (height x width)')
         continue
       unknown = sorted(set(np.unique(values).tolist()) - self.RAW_LABELS)
       if unknown:
@@ -171,10 +192,16 @@ class FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       max_size = np.maximum(max_size, image_size)
       file_name = os.path.relpath(image_path, source)
       yield file_name, {'image': image, 'segmentation_mask': label, 'file_name': file_name}
+    if skipped is not problems and (problems or len(skipped) == len(pairs)):
+      problems += skipped  # nothing is prepared: list them all at once
     if problems:
       raise DataError(f'{self.name}: {len(problems)} problem(s) in the {split} split of '
                       f'{source}; fix or remove these files and run again:'
                       f'{listing(problems)}')
+    if skipped:
+      print(f'warning: {self.name}: skipped {len(skipped)} of the {len(pairs)} image/label '
+            f'pairs of the {split} split of {source} (fix them and their split is prepared '
+            f'again):{listing(skipped)}', flush=True)
     self.info.metadata['max_size'][split] = max_size.tolist()
 
 

@@ -1,9 +1,14 @@
 """Joint image/label transforms on numpy arrays (one random draw drives both).
 
-Images are uint8 [H, W, C] until `normalize`; labels are uint8/int [H, W] class maps.
+Images are [H, W, C] with any number of channels C, uint8 until the photometric distortion
+(float32 in [0, 255] after it) and `normalize`; labels are uint8/int [H, W] class maps.
 """
+import dataclasses
+
 import numpy as np
 from PIL import Image
+
+CROP_TRIES = 10  # extra crops drawn to satisfy cat_max_ratio (mmsegmentation's RandomCrop)
 
 
 def height_width(size):
@@ -33,29 +38,157 @@ def pad_to(image, label, height, width, ignore_label):
   return image, label
 
 
-def random_crop(rng, image, label, height, width):
-  """Crops a random [height, width] window (the inputs must be at least that large)."""
-  top = rng.integers(label.shape[0] - height + 1)
-  left = rng.integers(label.shape[1] - width + 1)
+def crop_window(rng, shape, height, width):
+  """A random (top, left) of a window of at most [height, width] inside `shape` [H, W]."""
+  return (rng.integers(max(0, shape[0] - height) + 1),
+          rng.integers(max(0, shape[1] - width) + 1))
+
+
+def dominated(label, ignore_label, cat_max_ratio):
+  """Whether `label` has fewer than 2 classes or one holding >= cat_max_ratio of its pixels.
+
+  Pixels of `ignore_label` are not counted.
+  """
+  counts = np.bincount(label.ravel(), minlength=ignore_label + 1)
+  counts[ignore_label] = 0
+  counts = counts[counts > 0]
+  return len(counts) < 2 or counts.max() >= cat_max_ratio * counts.sum()
+
+
+def random_crop(rng, image, label, height, width, *, ignore_label=255, cat_max_ratio=1.0):
+  """Crops a random window of [height, width] (less along sides shorter than that).
+
+  With cat_max_ratio < 1, as mmsegmentation's RandomCrop: up to CROP_TRIES more windows are
+  drawn until one is not `dominated`; the last one drawn is kept otherwise.
+  """
+  top, left = crop_window(rng, label.shape, height, width)
+  single_window = label.shape[0] <= height and label.shape[1] <= width
+  if cat_max_ratio < 1 and not single_window:
+    for _ in range(CROP_TRIES):
+      if not dominated(label[top:top + height, left:left + width], ignore_label,
+                       cat_max_ratio):
+        break
+      top, left = crop_window(rng, label.shape, height, width)
   return (image[top:top + height, left:left + width],
           label[top:top + height, left:left + width])
 
 
+def rgb_to_hsv(rgb):
+  """float [..., 3] RGB in [0, 255] -> HSV: hue in [0, 1) turns, saturation in [0, 1],
+  value in [0, 255] (gray pixels get hue 0)."""
+  red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  value = np.maximum(np.maximum(red, green), blue)
+  chroma = value - np.minimum(np.minimum(red, green), blue)
+  inverse_chroma = 1 / np.where(chroma > 0, chroma, 1)
+  hue = np.where(value == red, (green - blue) * inverse_chroma,
+                 np.where(value == green, 2 + (blue - red) * inverse_chroma,
+                          4 + (red - green) * inverse_chroma))
+  saturation = chroma / np.where(value > 0, value, 1)
+  return np.stack([(hue / 6) % 1, saturation, value], axis=-1)
+
+
+def hsv_to_rgb(hsv):
+  """Inverse of `rgb_to_hsv`: float [..., 3] HSV -> RGB in [0, 255]."""
+  sextant, value = hsv[..., 0] * 6, hsv[..., 2]
+  chroma = value * hsv[..., 1]
+  rgb = np.empty_like(hsv)
+  # Each channel is value minus chroma times a trapezoid of the hue, offset per channel.
+  for channel, offset in enumerate((5, 3, 1)):
+    k = (offset + sextant) % 6
+    rgb[..., channel] = value - chroma * np.clip(np.minimum(k, 4 - k), 0, 1)
+  return rgb
+
+
+@dataclasses.dataclass(frozen=True)
+class Photometric:
+  """mmsegmentation's PhotoMetricDistortion, on the leading `channels` of an image.
+
+  Brightness adds a delta in [-brightness_delta, brightness_delta]; contrast multiplies by a
+  factor in contrast_range; saturation multiplies HSV saturation by a factor in
+  saturation_range; hue shifts by an integer in [-hue_delta, hue_delta] in OpenCV's uint8
+  hue units of 2 degrees (18: +-36 degrees). Each is applied with probability 1/2, contrast
+  before or after the colour ops at random, clipping to [0, 255] after each. Saturation and
+  hue need RGB: they apply only when channels == 3; with another count (1: grayscale, or C:
+  every band of a multispectral image) the same brightness and contrast apply to each.
+  """
+  brightness_delta: float = 32
+  contrast_range: tuple = (0.5, 1.5)
+  saturation_range: tuple = (0.5, 1.5)
+  hue_delta: int = 18
+  channels: int = 3
+
+
+def _apply_half_the_time(rng):
+  return rng.uniform() < 0.5
+
+
+def photometric_distortion(rng, image, params):
+  """uint8 or float [H, W, C] -> float32 [H, W, C] in [0, 255], distorted as `params` says.
+
+  Channels from `params.channels` on are returned unchanged (as float32).
+  """
+  image = image.astype(np.float32)
+  pixels = image[..., :params.channels]
+  if _apply_half_the_time(rng):
+    pixels = np.clip(pixels + rng.uniform(-params.brightness_delta, params.brightness_delta),
+                     0, 255)
+  contrast_first = _apply_half_the_time(rng)
+  contrast = rng.uniform(*params.contrast_range) if _apply_half_the_time(rng) else None
+  if contrast is not None and contrast_first:
+    pixels = np.clip(pixels * contrast, 0, 255)
+  if params.channels == 3:
+    saturation = rng.uniform(*params.saturation_range) if _apply_half_the_time(rng) else 1
+    hue = (rng.integers(-params.hue_delta, params.hue_delta + 1) / 180
+           if _apply_half_the_time(rng) else 0)
+    if saturation != 1 or hue:
+      hsv = rgb_to_hsv(pixels)
+      hsv[..., 0] = (hsv[..., 0] + hue) % 1
+      hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 1)
+      pixels = hsv_to_rgb(hsv)
+  if contrast is not None and not contrast_first:
+    pixels = np.clip(pixels * contrast, 0, 255)
+  image[..., :params.channels] = pixels
+  return image
+
+
 def normalize(image, mean, std):
-  """uint8 [H, W, C] -> float32 (image / 255 - mean) / std, per channel."""
+  """uint8 or float [H, W, C] in [0, 255] -> float32 (image / 255 - mean) / std, per channel."""
   return ((image.astype(np.float32) / 255 - np.asarray(mean, np.float32))
           / np.asarray(std, np.float32))
 
 
-def train_augment(rng, image, label, *, crop_size, min_scale, max_scale, flip, ignore_label):
-  """Random scale, pad with ignore, random crop, random horizontal flip.
+def base_scale(shape, base_size):
+  """The factor that fits an image of `shape` [H, W] into `base_size`, keeping its aspect.
 
-  crop_size: side of a square crop, or (height, width).
+  base_size: 0 (the factor is 1), or (long side, short side) bounds as mmsegmentation's
+  Resize(scale=..., keep_ratio=True): the largest factor that keeps the long side within the
+  first and the short side within the second; one int S stands for (S, S).
+  """
+  if not base_size:
+    return 1.0
+  long_bound, short_bound = height_width(base_size)
+  return min(max(long_bound, short_bound) / max(shape), min(long_bound, short_bound) / min(shape))
+
+
+def train_augment(rng, image, label, *, crop_size, min_scale, max_scale, flip, ignore_label,
+                  base_size=0, cat_max_ratio=1.0, photometric=None):
+  """Random scale, random crop, photometric distortion, pad with ignore, random flip.
+
+  image: [H, W, C] uint8, label: [H, W]. The image is rescaled by `base_scale` times a
+  factor drawn in [min_scale, max_scale]; a crop_size window (a side, or (height, width)) is
+  cut where the image is larger (`random_crop`, with cat_max_ratio), then the image alone is
+  distorted by `photometric` (a `Photometric`, or None) and both are padded at the bottom
+  and right (image with 0, label with `ignore_label`) to crop_size. Returns the image
+  ([height, width, C], float32 when distorted, else uint8) and the label [height, width].
   """
   height, width = height_width(crop_size)
-  image, label = resize(image, label, rng.uniform(min_scale, max_scale))
+  scale = base_scale(label.shape, base_size) * rng.uniform(min_scale, max_scale)
+  image, label = resize(image, label, scale)
+  image, label = random_crop(rng, image, label, height, width, ignore_label=ignore_label,
+                             cat_max_ratio=cat_max_ratio)
+  if photometric is not None:
+    image = photometric_distortion(rng, image, photometric)
   image, label = pad_to(image, label, height, width, ignore_label)
-  image, label = random_crop(rng, image, label, height, width)
   if flip and rng.uniform() < 0.5:
     image, label = image[:, ::-1], label[:, ::-1]
   return image, label

@@ -7,6 +7,8 @@ ASPP (atrous spatial pyramid pooling) on the stride-OS features: a 1x1 conv, one
 per atrous rate (the paper's 6, 12, 18 at OS16, doubled at OS8), and image pooling (global
 average, 1x1 conv, bilinear upsampling back), each conv-BN-ReLU of `aspp_features`
 channels; the branches are concatenated, projected by a 1x1 conv-BN-ReLU and dropped out.
+For ablations, `aspp=False` replaces the ASPP by one 1x1 conv-BN-ReLU of the same width
+(and the same dropout): no atrous context, no image pooling.
 
 v3: a 1x1 convolution scores the ASPP output, and the scores are resized to the input size
 (as in the paper; torchvision's DeepLabHead adds a 3x3 conv-BN-ReLU before the classifier
@@ -112,7 +114,8 @@ class Model(nn.Module):
   `output_stride`: 8 or 16; `multi_grid`: rate multipliers of the last stage's blocks;
   `contract_dilation`: see `resnet.ResNet` (mmsegmentation's recipes set it); `aspp_rates`: () for the paper's rates at `output_stride`, other rates only with
   `allow_custom_rates`; `aspp_features`, `low_level_features`, `decoder_features`: widths
-  of the ASPP, the v3+ low-level projection and the v3+ decoder convs; `frozen_bn`: see the
+  of the ASPP, the v3+ low-level projection and the v3+ decoder convs; `aspp`: False for a
+  1x1 conv-BN-ReLU in its place (ablations); `frozen_bn`: see the
   module docstring; `dropout`: rate after the ASPP projection; `dtype`: compute dtype.
   """
   num_classes: int
@@ -125,6 +128,7 @@ class Model(nn.Module):
   aspp_rates: tuple = ()
   allow_custom_rates: bool = False
   aspp_features: int = 256
+  aspp: bool = True
   low_level_features: int = 48
   decoder_features: int = 256
   frozen_bn: bool = False
@@ -155,8 +159,13 @@ class Model(nn.Module):
                              frozen_bn=self.frozen_bn, dtype=self.dtype,
                              name='backbone')(images, train=train)
     rates = aspp_rates_for(self.output_stride, self.aspp_rates, self.allow_custom_rates)
-    x = ASPP(rates, self.aspp_features, self.dropout, self.frozen_bn, self.dtype,
-             name='aspp')(features['stage4'], train=train)
+    if self.aspp:
+      x = ASPP(rates, self.aspp_features, self.dropout, self.frozen_bn, self.dtype,
+               name='aspp')(features['stage4'], train=train)
+    else:
+      x = ConvBNReLU(self.aspp_features, kernel=1, dtype=self.dtype, name='head_project')(
+          features['stage4'], train=train and not self.frozen_bn)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.variant == 'v3plus':
       x = Decoder(self.low_level_features, self.decoder_features, self.frozen_bn, self.dtype,
                   name='decoder')(x, features['stage1'], train=train)

@@ -1,15 +1,38 @@
 """Building blocks shared by the models."""
+import contextlib
+import contextvars
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# The mapped axis that BatchNorm statistics are averaged over while tracing a per-device
+# step (`synced_batch_norm`); None under jit, where the statistics are global already.
+_BATCH_NORM_AXIS = contextvars.ContextVar('batch_norm_axis', default=None)
+
+
+@contextlib.contextmanager
+def synced_batch_norm(axis_name):
+  """BatchNorm layers built (traced) inside average their batch statistics over the mapped
+  axis `axis_name` of shard_map / pmap (sync BN); `axis_name` None leaves them per batch.
+
+  A context rather than a model field, so every model keeps `__call__(images, *, train)`.
+  """
+  token = _BATCH_NORM_AXIS.set(axis_name)
+  try:
+    yield
+  finally:
+    _BATCH_NORM_AXIS.reset(token)
+
 
 def batch_norm(use_running_average, dtype=jnp.float32, name=None):
-  """BatchNorm with PyTorch's defaults: epsilon 1e-5, momentum 0.1 (0.9 in flax's terms)."""
+  """BatchNorm with PyTorch's defaults: epsilon 1e-5, momentum 0.1 (0.9 in flax's terms).
+
+  Statistics are computed in float32 whatever `dtype`, and kept in float32.
+  """
   return nn.BatchNorm(use_running_average=use_running_average, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+                      dtype=dtype, axis_name=_BATCH_NORM_AXIS.get(), name=name)
 
 
 class ConvBNReLU(nn.Module):

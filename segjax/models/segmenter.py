@@ -3,7 +3,9 @@ transformer decoder, as the official code (github.com/rstrudel/segmenter, segm/m
 
 Encoder: `vit.ViT` (timm's layout, its final LayerNorm applied, class token dropped), giving
 patch tokens [B, h, w, D] with h = H / patch_size. Input height and width must be
-divisible by `patch_size` (the official code pads instead).
+divisible by `patch_size` (the official code pads instead). Its patch embedding can be
+swapped for a convolutional stem (`stem='conv'`, same token grid), which Segmenter does not
+use; it is what makes a small ViT trainable from scratch on the embedded dataset.
 
 Decoders, each giving patch-level class scores [B, h, w, K] that are resized bilinearly
 (half-pixel centres, as `F.interpolate(mode='bilinear')`) to [B, H, W, K]:
@@ -89,7 +91,9 @@ class Model(nn.Module):
   stochastic depth (last block's rate); `dropout`: encoder dropout; `decoder_dropout`: the
   mask transformer's dropout; `pretrained_image_size`: image side the encoder's position
   embeddings are stored for (224 or 384 for timm's checkpoints; other input sizes
-  resample them); `dtype`: compute dtype (parameters stay float32).
+  resample them); `stem`, `stem_convs_per_stage`: the encoder's token embedding, timm's
+  'patch' embedding (the paper's) or the 'conv' stem of Xiao et al. (2021; see `vit`),
+  which has no published weights; `dtype`: compute dtype (parameters stay float32).
   """
   num_classes: int
   size: str = 'tiny'
@@ -101,10 +105,13 @@ class Model(nn.Module):
   dropout: float = 0.0
   decoder_dropout: float = 0.1
   pretrained_image_size: int = 224
+  stem: str = 'patch'
+  stem_convs_per_stage: int = 1
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    vit.check_config(self.size, self.patch_size, self.pretrained_image_size, self.depth)
+    vit.check_config(self.size, self.patch_size, self.pretrained_image_size, self.depth,
+                     self.stem, self.stem_convs_per_stage)
     if self.decoder not in DECODERS:
       raise ValueError(f'unknown Segmenter decoder {self.decoder!r}; use one of {DECODERS}')
     if self.decoder == 'mask' and (int(self.decoder_layers) != self.decoder_layers
@@ -117,15 +124,18 @@ class Model(nn.Module):
     super().__post_init__()
 
   def backbone_module(self):
-    """`segjax.models.vit` (timm weights), or None when `depth` departs from the size's."""
-    return vit if self.depth in (0, vit.SIZES[self.size][1]) else None
+    """`segjax.models.vit` (timm weights), or None when `depth` departs from the size's or
+    the stem is 'conv' (no published weights; its tokens differ from the patch embedding's,
+    so timm's blocks alone would not be a pretrained encoder)."""
+    published = self.depth in (0, vit.SIZES[self.size][1]) and self.stem == 'patch'
+    return vit if published else None
 
   @nn.compact
   def __call__(self, images, *, train):
     """images [B, H, W, C] -> logits [B, H, W, num_classes] (float32)."""
     tokens = vit.ViT(self.size, self.patch_size, self.pretrained_image_size, self.depth,
-                     self.drop_path_rate, self.dropout, self.dtype, name='backbone')(
-                         images, train=train)
+                     self.drop_path_rate, self.dropout, self.stem, self.stem_convs_per_stage,
+                     self.dtype, name='backbone')(images, train=train)
     if self.decoder == 'linear':
       scores = nn.Dense(self.num_classes, kernel_init=vit.dense_init, dtype=self.dtype,
                         name='head')(tokens)

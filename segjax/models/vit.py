@@ -10,6 +10,17 @@ pre-norm blocks (x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))) -> final L
 Returns the patch tokens [B, h, w, D] (class token dropped): what the linear and the mask
 transformer decoders of `segjax.models.segmenter` read.
 
+`stem='conv'` replaces the patch embedding by the convolutional stem of Xiao et al., "Early
+Convolutions Help Transformers See Better" (NeurIPS 2021; their ViT_C models): log2(p)
+3x3 stride-2 convolutions without bias, each followed by BatchNorm and ReLU, whose
+channels double up to D (patch 16, D = 192: 24, 48, 96, 192, the paper's ViT_C-1GF stem;
+patch 8: 48, 96, 192), then a 1x1 convolution with bias to D. It gives the same h x w
+token grid; everything after it is unchanged. The paper reports that it makes ViTs
+train faster, more stably and less sensitively to the optimiser; here it is what lets a
+ViT learn the shapes dataset from scratch (experiments/segmenter.py). Padding is
+'SAME' (the extra zero row/column after an even input; PyTorch's padding=1 pads one each
+side), which only matters to imported weights, and none are published for this stem.
+
 Details as timm: LayerNorm epsilon 1e-6; attention is one qkv Dense of 3D outputs with bias
 (split as [3, heads, D / heads]), softmax(q k^T / sqrt(D / heads)) computed in float32, and
 an output Dense `proj`; the MLP is fc1 (4D), exact (erf) GELU, fc2. Stochastic depth
@@ -45,6 +56,8 @@ base, large; `vit_base_patch8_224.augreg_in21k_ft_in1k`; the `_384` variants wit
   blocks.{i}.mlp.fc2.*              blocks_{i}/mlp/fc2/*              (D, 4D) -> (4D, D)
   norm.{weight,bias}                norm/{scale,bias}
 
+The conv stem has no published weights (timm has no such ViT); `segmenter.Model`'s
+`backbone_module` refuses `init_from` for it.
 The classifier `head.*` (and the `pre_logits.*` representation layer of old in21k files) is
 not used. `from_torch` resamples `pos_embed` when the checkpoint's grid differs from the
 model's (a 224 checkpoint into a model with `pretrained_image_size=512`).
@@ -60,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax.models import torch_layout
+from segjax.models.layers import ConvBNReLU
 
 SIZES = {  # size -> (width D, depth, heads)
     'tiny': (192, 12, 3),
@@ -68,6 +82,7 @@ SIZES = {  # size -> (width D, depth, heads)
     'large': (1024, 24, 16),
 }
 PATCH_SIZES = (8, 16)
+STEMS = ('patch', 'conv')
 MLP_RATIO = 4
 EPSILON = 1e-6  # timm's LayerNorm epsilon for ViT
 
@@ -77,10 +92,19 @@ RESIZABLE_KEYS = ('pos_embed',)
 dense_init = nn.initializers.truncated_normal(0.02)  # std 0.02, as timm initialises Linear
 
 
-def check_config(size, patch_size, pretrained_image_size=224, depth=0):
+def check_config(size, patch_size, pretrained_image_size=224, depth=0, stem='patch',
+                 stem_convs_per_stage=1):
   """Raises ValueError naming the valid values if a ViT field is out of range."""
   if size not in SIZES:
     raise ValueError(f'ViT size must be one of {tuple(SIZES)}, got {size!r}')
+  if stem not in STEMS:
+    raise ValueError(f'ViT stem must be one of {STEMS}, got {stem!r}')
+  if int(stem_convs_per_stage) != stem_convs_per_stage or stem_convs_per_stage < 1:
+    raise ValueError(f'stem_convs_per_stage must be a positive int, got '
+                     f'{stem_convs_per_stage!r}')
+  if stem == 'patch' and stem_convs_per_stage != 1:
+    raise ValueError(f"stem_convs_per_stage applies to stem='conv' only; set it to 1 or "
+                     f"stem='conv', got {stem_convs_per_stage!r}")
   if patch_size not in PATCH_SIZES:
     raise ValueError(f'ViT patch_size must be one of {PATCH_SIZES} (the published patch '
                      f'sizes), got {patch_size!r}')
@@ -205,6 +229,32 @@ class PatchEmbed(nn.Module):
                    kernel_init=nn.initializers.lecun_normal(), name='proj')(images)
 
 
+class ConvStem(nn.Module):
+  """Xiao et al.'s convolutional stem. [B, H, W, C] -> [B, H/p, W/p, features].
+
+  log2(p) stages of `convs_per_stage` 3x3 ConvBNReLU layers, the first of each with stride
+  2, whose channels double from stage to stage up to `features` (p = 8, features = 192:
+  48, 96, 192); then a 1x1 convolution with bias to `features`. Layer k (from 0) of stage
+  i is `convs_{i * convs_per_stage + k}`.
+  """
+  features: int
+  patch_size: int
+  convs_per_stage: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train):
+    num_stages = int(math.log2(self.patch_size))
+    x = images
+    for i in range(num_stages):
+      channels = self.features // 2 ** (num_stages - 1 - i)
+      for j in range(self.convs_per_stage):
+        index = i * self.convs_per_stage + j
+        x = ConvBNReLU(channels, strides=1 if j else 2, dtype=self.dtype,
+                       name=f'convs_{index}')(x, train=train)
+    return nn.Conv(self.features, (1, 1), dtype=self.dtype, name='proj')(x)
+
+
 class ViT(nn.Module):
   """ViT encoder returning patch tokens [B, H/p, W/p, D] (see the module docstring).
 
@@ -212,7 +262,10 @@ class ViT(nn.Module):
   square image the position embeddings are stored for (grid = side / patch_size);
   `depth`: 0 for the size's depth, else that many blocks (then no published weights fit);
   `drop_path_rate`: stochastic depth rate of the last block; `dropout`: see the module
-  docstring; `dtype`: compute dtype (parameters stay float32).
+  docstring; `stem`: 'patch' (timm's patch embedding) or 'conv' (Xiao et al.'s stem, no
+  published weights); `stem_convs_per_stage`: 3x3 convolutions per stride-2 stage of the
+  conv stem (1: the paper's small stems; more add stride-1 convolutions, as its larger
+  stems do); `dtype`: compute dtype (parameters stay float32).
   """
   size: str = 'base'
   patch_size: int = 16
@@ -220,10 +273,13 @@ class ViT(nn.Module):
   depth: int = 0
   drop_path_rate: float = 0.0
   dropout: float = 0.0
+  stem: str = 'patch'
+  stem_convs_per_stage: int = 1
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    check_config(self.size, self.patch_size, self.pretrained_image_size, self.depth)
+    check_config(self.size, self.patch_size, self.pretrained_image_size, self.depth, self.stem,
+                 self.stem_convs_per_stage)
     super().__post_init__()
 
   @property
@@ -239,7 +295,12 @@ class ViT(nn.Module):
                        f'{p}, got {images.shape[1:3]}; resize or crop the images (e.g. '
                        f'dataset.image_size a multiple of {p})')
     width, _, heads = SIZES[self.size]
-    x = PatchEmbed(width, p, self.dtype, name='patch_embed')(images.astype(self.dtype))
+    images = images.astype(self.dtype)
+    if self.stem == 'patch':
+      x = PatchEmbed(width, p, self.dtype, name='patch_embed')(images)
+    else:
+      x = ConvStem(width, p, self.stem_convs_per_stage, self.dtype, name='conv_stem')(
+          images, train=train)
     batch, h, w, _ = x.shape
     x = x.reshape(batch, h * w, width)
     cls_token = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, width))

@@ -1,0 +1,26 @@
+"""Ablation: U-Net depth (2 | 3 | 4 poolings) x width (8 | 16 first-level features) on
+shapes, 3 seeds.
+
+  python launch.py --config experiments/ablations/unet_size.py --mode sweep
+
+The U-Net of experiments/unet.py (32x32 crops) trained for 1000 steps per run instead of
+4000: 18 runs in about 22 minutes on an idle 2-core CPU (estimated from the steps' FLOPs and
+the default's time). Results: runs/unet_size/results.md.
+"""
+import os
+
+from segjax import configs
+from segjax import sweep
+
+UNET = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'unet.py')
+
+
+def get_config(arg=None):
+  configs.parse_arg(arg)  # takes no arguments; override fields with --config.<field>
+  return sweep.experiment_config(UNET, total_steps=1000)
+
+
+def get_hyper(h):
+  return h.product(h.sweep('model.depth', [2, 3, 4]),
+                   h.sweep('model.features', [8, 16]),
+                   h.seeds(3))
