@@ -20,14 +20,17 @@ import orbax.checkpoint as ocp
 
 from segjax.errors import SegjaxError
 
-_SAVED_FIELDS = ('step', 'params', 'batch_stats', 'opt_state')
+_SAVED_FIELDS = ('step', 'params', 'batch_stats', 'opt_state')  # + 'teacher' when not None
 # Errors of a write that more space or permissions would fix (tensorstore reports a full
 # disk as RESOURCE_EXHAUSTED in a ValueError, Python writes as OSError ENOSPC).
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _as_tree(state):
-  return {field: getattr(state, field) for field in _SAVED_FIELDS}
+  tree = {field: getattr(state, field) for field in _SAVED_FIELDS}
+  if getattr(state, 'teacher', None) is not None:  # the mean teacher of segjax/semi.py
+    tree['teacher'] = state.teacher
+  return tree
 
 
 def _key_name(key):
@@ -47,8 +50,9 @@ def _shapes(tree):
 def _check_shapes(saved, target, path):
   """Refuses a checkpoint whose arrays differ from the model's and optimizer's, naming them."""
   problems = []
-  for part in ('params', 'batch_stats', 'opt_state'):
-    have, want = _shapes(saved.get(part, {})), _shapes(target[part])
+  parts = [name for name in list(target) + list(saved) if name != 'step']
+  for part in dict.fromkeys(parts):
+    have, want = _shapes(saved.get(part, {})), _shapes(target.get(part, {}))
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
     misshaped = [f'{k} {have[k]} != {want[k]}' for k in sorted(set(have) & set(want))

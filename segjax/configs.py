@@ -18,6 +18,7 @@ from segjax import losses
 from segjax import models as models_lib
 from segjax import optim
 from segjax import parallel
+from segjax import semi
 from segjax.data import transforms
 from segjax.models import resnet
 from segjax.errors import ConfigError
@@ -139,6 +140,22 @@ def base_config():
   # horizontal flip of each; the softmax probabilities of all views are averaged.
   config.evaluation.scales = (1.0,)
   config.evaluation.flip = False
+
+  # Semi-supervised training (segjax/semi.py): the labels of a subset of the train split,
+  # the other examples as unlabelled data.
+  config.semi_supervised = ml_collections.ConfigDict()
+  # 'none' (supervised, on the labelled subset), 'mean_teacher' or 'fixmatch'.
+  config.semi_supervised.method = 'none'
+  config.semi_supervised.labelled_fraction = 1.0  # of the train split whose labels are used
+  config.semi_supervised.labelled_count = 0  # > 0: this many labelled examples instead
+  config.semi_supervised.split_seed = 0  # draws the labelled subset (not config.seed)
+  config.semi_supervised.unlabelled_batch_size = 0  # global; 0: batch_size
+  config.semi_supervised.weight = 1.0  # of the unsupervised loss, after the ramp-up
+  config.semi_supervised.rampup = 'sigmoid'  # of the weight: 'sigmoid', 'linear' or 'none'
+  config.semi_supervised.rampup_steps = 0  # steps until the full weight; 0: from the start
+  config.semi_supervised.ema_decay = 0.99  # mean_teacher: the teacher's EMA decay
+  config.semi_supervised.threshold = 0.95  # fixmatch: pseudo-label confidence to keep a pixel
+  config.semi_supervised.cutout = 0.5  # strong view: CutOut rectangle's side fraction; 0: off
   return config
 
 
@@ -241,6 +258,42 @@ def _validate_evaluation(evaluation, crop_size):
            and all(_is_number(s) and s > 0 for s in scales),
            f'evaluation.scales must be a non-empty tuple of positive numbers, e.g. (0.5, 1.0, '
            f'1.5), got {scales!r}')
+
+
+def _validate_semi_supervised(semi_config, config):
+  """Refuses an unknown method and impossible semi-supervised fields (segjax/semi.py)."""
+  _require(semi_config.method in semi.METHODS,
+           f'unknown semi_supervised.method {semi_config.method!r}; valid: '
+           f'{", ".join(semi.METHODS)}')
+  _require(0 < semi_config.labelled_fraction <= 1,
+           'semi_supervised.labelled_fraction must be in (0, 1], got '
+           f'{semi_config.labelled_fraction}')
+  for field in ('labelled_count', 'unlabelled_batch_size', 'rampup_steps'):
+    _require(semi_config[field] >= 0,
+             f'semi_supervised.{field} must be >= 0, got {semi_config[field]}')
+  _require(semi_config.weight >= 0,
+           f'semi_supervised.weight must be >= 0, got {semi_config.weight}')
+  _require(semi_config.rampup in semi.RAMPUPS,
+           f'unknown semi_supervised.rampup {semi_config.rampup!r}; valid: '
+           f'{", ".join(semi.RAMPUPS)}')
+  _require(0 <= semi_config.ema_decay < 1,
+           f'semi_supervised.ema_decay must be in [0, 1), got {semi_config.ema_decay}')
+  _require(0 <= semi_config.threshold <= 1,
+           f'semi_supervised.threshold must be in [0, 1], got {semi_config.threshold}')
+  _require(0 <= semi_config.cutout < 1,
+           f'semi_supervised.cutout must be in [0, 1) (0: off), got {semi_config.cutout}')
+  if semi_config.method == 'none':
+    return
+  _require(config.grad_accum_steps == 1,
+           f'semi_supervised.method={semi_config.method!r} does not support '
+           f'grad_accum_steps={config.grad_accum_steps}; set grad_accum_steps=1')
+  _require(semi_config.labelled_fraction < 1 or semi_config.labelled_count > 0,
+           f'semi_supervised.method={semi_config.method!r} needs unlabelled examples; set '
+           'semi_supervised.labelled_fraction below 1 (or labelled_count)')
+  devices = jax.device_count()
+  _require(semi.unlabelled_batch_size(config) % devices == 0,
+           f'semi_supervised.unlabelled_batch_size={semi.unlabelled_batch_size(config)} is not '
+           f'divisible by the {devices} devices; use a multiple of {devices}')
 
 
 def _is_range(value):
@@ -380,6 +433,7 @@ def validate(config):
   _require(config.eval_batch_size % devices == 0,
            f'eval_batch_size={config.eval_batch_size} is not divisible by the {devices} '
            f'devices; use a multiple of {devices}')
+  _validate_semi_supervised(config.semi_supervised, config)
   _require(config.nonfinite in ('stop', 'skip'),
            f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
   _require(config.dataset.name != 'shapes' or not config.dataset.eval_pad_size

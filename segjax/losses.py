@@ -225,6 +225,23 @@ def make_loss(loss_config, *, ignore_label, class_weights):
 
 # ---------------------------------------------------------------------------- class weights
 
+def supervised_loss(pixel_loss, logits, aux_logits, labels, aux_weight):
+  """The loss of a model's logits [B, H, W, C] and its auxiliary heads' (a sequence of
+  [B, H, W, C], maybe empty) against labels [B, H, W] -> (loss, metrics).
+
+  loss = pixel_loss(logits) + aux_weight * the sum of pixel_loss(aux) (`pixel_loss` from
+  `make_loss`). metrics: 'loss', '<term>_loss' for each term of the main head's loss when
+  there are several, and 'main_loss', 'aux_loss' with auxiliary heads.
+  """
+  loss, terms = pixel_loss(logits, labels)
+  parts = {f'{name}_loss': value for name, value in terms.items()} if len(terms) > 1 else {}
+  if aux_logits:
+    aux_loss = sum(pixel_loss(aux, labels)[0] for aux in aux_logits)
+    parts.update(main_loss=loss, aux_loss=aux_loss)
+    loss = loss + aux_weight * aux_loss
+  return loss, {'loss': loss, **parts}
+
+
 def count_label_pixels(label_batches, num_classes, ignore_label):
   """Pixel counts of the labels in `label_batches` (iterable of int [B, H, W] arrays).
 

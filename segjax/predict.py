@@ -34,6 +34,7 @@ from segjax import configs
 from segjax import data as data_lib
 from segjax import evaluate as evaluate_lib
 from segjax import models as models_lib
+from segjax import semi
 from segjax import train
 from segjax import visualize
 from segjax.data import folder
@@ -132,7 +133,7 @@ def restore_variables(config, workdir):
   if state is None:
     raise SegjaxError(f'no checkpoint in {workdir}; train first (same --config and --workdir), '
                       'or pass the --workdir of a trained run')
-  return model, {'params': state.params, 'batch_stats': state.batch_stats}, int(state.step)
+  return model, semi.inference_variables(state), int(state.step)
 
 
 def padded_batch(count, batch_size):

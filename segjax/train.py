@@ -31,15 +31,17 @@ from segjax import optim
 from segjax import parallel
 from segjax import pretrained
 from segjax import report
+from segjax import semi
 from segjax import visualize
 from segjax.data import pipeline
 from segjax.data import transforms
-from segjax.models import layers
 from segjax.errors import ConfigError, SegjaxError
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # Semi-supervised mean teacher: the EMA {'params', 'batch_stats'} (segjax/semi.py); else None.
+  teacher: Any = None
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -50,10 +52,11 @@ def create_train_state(rng, model, config, input_shape):
   input_shape: [B, H, W, C] of one batch (only its shape is used).
   """
   variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
   return TrainState.create(
-      apply_fn=model.apply, params=variables['params'],
-      batch_stats=variables.get('batch_stats', {}),
-      tx=optim.create_optimizer(config))
+      apply_fn=model.apply, params=params, batch_stats=batch_stats,
+      tx=optim.create_optimizer(config),
+      teacher=semi.initial_teacher(params, batch_stats, config.semi_supervised))
 
 
 def train_step(state, batch, rng, *, pixel_loss, aux_loss_weight, learning_rate_fn,
@@ -86,18 +89,12 @@ def train_step(state, batch, rng, *, pixel_loss, aux_loss_weight, learning_rate_
     step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
 
   def loss_fn(params, batch_stats, micro_batch, dropout_rng):
-    with layers.synced_batch_norm(axis_name):
-      logits, updates = state.apply_fn(
-          {'params': params, 'batch_stats': batch_stats}, micro_batch['image'], train=True,
-          mutable=['batch_stats', 'intermediates'], rngs={'dropout': dropout_rng})
-    loss, terms = pixel_loss(logits, micro_batch['label'])
-    parts = {f'{name}_loss': value for name, value in terms.items()} if len(terms) > 1 else {}
-    aux_logits = updates.get('intermediates', {}).get('aux_logits', ())
-    if aux_logits:
-      aux_loss = sum(pixel_loss(aux, micro_batch['label'])[0] for aux in aux_logits)
-      parts.update(main_loss=loss, aux_loss=aux_loss)
-      loss = loss + aux_loss_weight * aux_loss
-    return loss, (updates.get('batch_stats', batch_stats), {'loss': loss, **parts})
+    logits, aux_logits, batch_stats = models_lib.train_forward(
+        state.apply_fn, {'params': params, 'batch_stats': batch_stats}, micro_batch['image'],
+        dropout_rng, axis_name)
+    loss, loss_metrics = losses.supervised_loss(pixel_loss, logits, aux_logits,
+                                                micro_batch['label'], aux_loss_weight)
+    return loss, (batch_stats, loss_metrics)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
@@ -191,13 +188,19 @@ class Experiment:
       self.initial_state = _with_pretrained_backbone(self.initial_state, config.init_from,
                                                      self.model, replicated)
 
-    self.class_weights = loss_class_weights(config, self.spec, self.sources['train'])
+    self.labelled_source, self.unlabelled_source = semi.split_sources(
+        self.sources['train'], config.semi_supervised)
+    self.class_weights = loss_class_weights(config, self.spec, self.labelled_source)
     pixel_loss = losses.make_loss(config.loss, ignore_label=self.spec.ignore_label,
                                   class_weights=self.class_weights)
-    step = functools.partial(
-        train_step, pixel_loss=pixel_loss, aux_loss_weight=config.loss.aux_weight,
-        learning_rate_fn=optim.learning_rate_schedule(config),
-        grad_accum_steps=config.grad_accum_steps)
+    step_options = dict(pixel_loss=pixel_loss, aux_loss_weight=config.loss.aux_weight,
+                        learning_rate_fn=optim.learning_rate_schedule(config))
+    if self.unlabelled_source is None:
+      step = functools.partial(train_step, **step_options,
+                               grad_accum_steps=config.grad_accum_steps)
+    else:
+      step = functools.partial(semi.semi_train_step, **step_options,
+                               semi_config=config.semi_supervised)
     step = with_nonfinite_check(step, skip=config.nonfinite == 'skip')
     self.train_step = parallel.compile_step(step, self.mesh, config.parallelism)
     self.predict = evaluate_lib.make_predict(
@@ -210,19 +213,24 @@ class Experiment:
     self.checkpoints = checkpoint_lib.Checkpoints(workdir, config.max_to_keep)
 
   def train_batches(self, start_step):
-    batches = pipeline.train_batches(
-        self.sources['train'], self.spec, self.config, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    return pipeline.checked(batches, self.spec, 'train split',
-                            self.config.dataset.check_label_batches)
+    """Training batches from `start_step` on; semi-supervised, with an 'unlabelled' batch."""
+    where = dict(start_step=start_step, process_index=jax.process_index(),
+                 process_count=jax.process_count())
+    batches = pipeline.train_batches(self.labelled_source, self.spec, self.config, **where)
+    batches = pipeline.checked(batches, self.spec, 'train split',
+                               self.config.dataset.check_label_batches)
+    if self.unlabelled_source is None:
+      return batches
+    return semi.with_unlabelled(batches, semi.unlabelled_batches(
+        self.unlabelled_source, self.spec, self.config, **where))
 
   def evaluate(self, state):
     """Metrics of `state` over the whole validation split."""
     batches = pipeline.eval_batches(self.sources['validation'], self.spec, self.config)
     batches = pipeline.checked(batches, self.spec, 'validation split',
                                self.config.dataset.check_label_batches)
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    return evaluate_lib.evaluate(self.eval_step, variables, batches, self.mesh)
+    return evaluate_lib.evaluate(self.eval_step, semi.inference_variables(state), batches,
+                                 self.mesh)
 
 
 def with_nonfinite_check(step_fn, *, skip):
@@ -242,7 +250,7 @@ def with_nonfinite_check(step_fn, *, skip):
       keep = lambda new, old: jnp.where(finite, new, old)
       new_state = new_state.replace(**{
           field: jax.tree.map(keep, getattr(new_state, field), getattr(state, field))
-          for field in ('params', 'batch_stats', 'opt_state')})
+          for field in ('params', 'batch_stats', 'opt_state', 'teacher')})
     return new_state, {**metrics, 'nonfinite': 1.0 - finite.astype(jnp.float32)}
   return step
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax import semi
 from segjax.data import pipeline
 
 OVERLAY_ALPHA = 0.5  # weight of the class colour in an overlay
@@ -132,8 +133,7 @@ def log_validation_panels(experiment, writer, state):
   if not config.log_images:
     return
   images, labels, classify = _panel_inputs(experiment)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  predictions = np.asarray(jax.device_get(classify(variables, images)))
+  predictions = np.asarray(jax.device_get(classify(semi.inference_variables(state), images)))
   stride = -(-max(labels.shape[1:]) // PANEL_MAX_SIDE)
   images, labels, predictions = (x[:, ::stride, ::stride]
                                  for x in (images, labels, predictions))

@@ -97,13 +97,24 @@ def train_batches(source, spec, config, *, start_step, process_index=0, process_
     return {'image': transforms.normalize(image, data.mean, data.std),
             'label': label.astype(np.int32)}
 
+  return augmented_batches(source, augment, seed=config.seed, local_batch=local_batch,
+                           start_step=start_step, process_index=process_index,
+                           process_count=process_count, num_threads=data.num_threads)
+
+
+def augmented_batches(source, augment, *, seed, local_batch, start_step, process_index,
+                      process_count, num_threads):
+  """The infinite stream of batches of `augment(example, rng)` over `source`, shuffled anew
+  every epoch; element i's generator is seeded by (seed, i), so batch k is a pure function
+  of (seed, k). Local batches from `start_step` on; process p takes every
+  `process_count`-th batch, offset by p."""
   dataset = (grain.MapDataset.source(source)
-             .shuffle(seed=config.seed)
+             .shuffle(seed=seed)
              .repeat(None)
-             .random_map(augment, seed=config.seed)
+             .random_map(augment, seed=seed)
              .batch(local_batch, drop_remainder=True))
   dataset = dataset[start_step * process_count + process_index::process_count]
-  read_options = grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=64)
+  read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64)
   return iter(dataset.to_iter_dataset(read_options))
 
 

@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 
 from segjax.errors import ConfigError
+from segjax.models import layers
 
 _NOT_MODELS = ('layers', 'resnet', 'torch_layout', 'vgg', 'vit')  # building blocks and backbones
 
@@ -33,3 +34,20 @@ def get_model(model_config, num_classes):
     return model_class(num_classes=num_classes, **fields)
   except ValueError as e:  # a field's value refused at construction
     raise ConfigError(f'model {name!r}: {e}') from e
+
+
+def train_forward(apply_fn, variables, images, dropout_rng, axis_name=None):
+  """A training-mode forward pass -> (logits, aux_logits, batch_stats).
+
+  images [B, H, W, C] -> logits [B, H, W, num_classes]; aux_logits: the logits [B, H, W,
+  num_classes] of the auxiliary heads, which a model sows as 'aux_logits' in
+  'intermediates' (an empty tuple without one); batch_stats: the updated BatchNorm
+  statistics (those of `variables` for a model without BatchNorm). With `axis_name`,
+  BatchNorm averages its statistics over that axis (sync BN).
+  """
+  with layers.synced_batch_norm(axis_name):
+    logits, updates = apply_fn(variables, images, train=True,
+                               mutable=['batch_stats', 'intermediates'],
+                               rngs={'dropout': dropout_rng})
+  aux_logits = updates.get('intermediates', {}).get('aux_logits', ())
+  return logits, aux_logits, updates.get('batch_stats', variables['batch_stats'])

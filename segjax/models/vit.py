@@ -16,8 +16,11 @@ Convolutions Help Transformers See Better" (NeurIPS 2021; their ViT_C models): l
 channels double up to D (patch 16, D = 192: 24, 48, 96, 192, the paper's ViT_C-1GF stem;
 patch 8: 48, 96, 192), then a 1x1 convolution with bias to D. It gives the same h x w
 token grid; everything after it is unchanged. The paper reports that it makes ViTs
-train faster, more stably and less sensitively to the optimiser; here it is what lets a
-ViT learn the shapes dataset from scratch (experiments/segmenter.py). Padding is
+train faster, more stably and less sensitively to the optimiser. `stem_convs_per_stage`
+> 1 adds stride-1 3x3 convolutions of the stage's width after each stride-2 one (the
+paper's larger stems interleave such layers); with 2, a small ViT learns the shapes
+dataset from scratch far faster than with the patch embedding or the 1-per-stage stem
+(trials in experiments/segmenter.py). Padding is
 'SAME' (the extra zero row/column after an even input; PyTorch's padding=1 pads one each
 side), which only matters to imported weights, and none are published for this stem.
 
