@@ -104,10 +104,10 @@ def main():
   eight = run(cnn, plain, devices=8)
   results['bn_jit_vs_pmap'] = max_difference(eight, run(cnn, plain, devices=8,
                                                          parallelism='pmap'))
-  synced_batch_norm = train.layers.synced_batch_norm  # control: 'pmap' without sync BN
-  train.layers.synced_batch_norm = lambda axis_name: contextlib.nullcontext()
+  synced_batch_norm = models.layers.synced_batch_norm  # control: 'pmap' without sync BN
+  models.layers.synced_batch_norm = lambda axis_name: contextlib.nullcontext()
   unsynced = run(cnn, plain, devices=8, parallelism='pmap')
-  train.layers.synced_batch_norm = synced_batch_norm
+  models.layers.synced_batch_norm = synced_batch_norm
   results['bn_jit_vs_pmap_without_sync'] = max_difference(eight, unsynced)
 
   no_bn = NoBatchNorm(NUM_CLASSES)
