@@ -206,6 +206,15 @@ class Checkpoints:
                         + '; '.join(corrupt) + '. Start again with a new --workdir.')
     return None
 
+  def restore_best_or_latest(self, state):
+    """(restored state, 'best' or 'latest'): the best checkpoint, else the newest readable
+    latest one; (None, None) when there is neither."""
+    for which in ('best', 'latest'):
+      restored = self.restore(state, which)
+      if restored is not None:
+        return restored, which
+    return None, None
+
   def wait(self):
     """Blocks until the saves in flight are on disk (see `save` for write errors)."""
     try:

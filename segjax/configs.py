@@ -366,8 +366,8 @@ def _check_names_and_types(config, defaults, prefix=''):
 def _check_model_input(model, config):
   """Traces (never compiles) the model on a training crop, so a crop size the model cannot
   take (e.g. not divisible by its stride) or a bad model field value is a ConfigError."""
-  height, width = transforms.height_width(config.dataset.image_size)
-  crop = jax.ShapeDtypeStruct((1, height, width, len(config.dataset.mean)), jnp.float32)
+  crop = jax.ShapeDtypeStruct(transforms.model_input_shape(config.dataset), jnp.float32)
+  height, width = crop.shape[1:3]
   try:
     jax.eval_shape(lambda images: model.init(jax.random.key(0), images, train=False), crop)
   except Exception as e:  # pylint: disable=broad-except

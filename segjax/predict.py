@@ -117,8 +117,7 @@ def restore_variables(config, workdir):
   only (no dataset is read, nothing is initialised); SegjaxError if there is no checkpoint."""
   spec = data_lib.get_spec(config.dataset)
   model = models_lib.get_model(config.model, spec.num_classes)
-  input_shape = (1, *transforms.height_width(config.dataset.image_size),
-                 len(config.dataset.mean))
+  input_shape = transforms.model_input_shape(config.dataset)
   shapes = jax.eval_shape(functools.partial(train.create_train_state, model=model,
                                             config=config, input_shape=input_shape),
                           jax.random.key(0))
@@ -128,7 +127,7 @@ def restore_variables(config, workdir):
   state = None
   if os.path.isdir(workdir):
     checkpoints = checkpoint_lib.Checkpoints(workdir, config.max_to_keep)
-    state = checkpoints.restore(target, 'best') or checkpoints.restore(target, 'latest')
+    state, _ = checkpoints.restore_best_or_latest(target)
     checkpoints.close()
   if state is None:
     raise SegjaxError(f'no checkpoint in {workdir}; train first (same --config and --workdir), '

@@ -215,8 +215,7 @@ def count_parameters(config):
   """
   spec = data_lib.get_spec(config.dataset)
   model = models_lib.get_model(config.model, spec.num_classes)
-  height, width = transforms.height_width(config.dataset.image_size)
-  images = jax.ShapeDtypeStruct((1, height, width, len(config.dataset.mean)), jnp.float32)
+  images = jax.ShapeDtypeStruct(transforms.model_input_shape(config.dataset), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False),
                              jax.random.key(0), images)
   return sum(math.prod(x.shape) for x in jax.tree.leaves(variables['params']))

@@ -178,11 +178,9 @@ class Experiment:
     replicated = parallel.replicated(self.mesh)
     batch_sharding = parallel.batch_sharding(self.mesh)
 
-    channels = len(config.dataset.mean)
-    input_shape = (1, *transforms.height_width(config.dataset.image_size), channels)
     init_rng, self.train_rng = jax.random.split(jax.random.key(config.seed))
     init = functools.partial(create_train_state, model=self.model, config=config,
-                             input_shape=input_shape)
+                             input_shape=transforms.model_input_shape(config.dataset))
     self.initial_state = jax.jit(init, out_shardings=replicated)(init_rng)
     if config.init_from:
       self.initial_state = _with_pretrained_backbone(self.initial_state, config.init_from,
@@ -335,8 +333,7 @@ def _report(experiment, writer, state, result, *, full_table):
   if full_table:
     tqdm.tqdm.write(f'\nValidation at step {step}:\n'
                     + metrics_lib.format_table(result, experiment.spec.class_names))
-    checkpoint = os.path.join(experiment.checkpoints.latest.directory, str(step))
-    _write_evaluation(experiment, step, result, checkpoint)
+    _write_evaluation(experiment, step, result, experiment.checkpoints.path(step))
   else:
     tqdm.tqdm.write(f"step {step}: val mIoU {100 * result['miou']:.2f}  "
                     f"mAcc {100 * result['macc']:.2f}  aAcc {100 * result['aacc']:.2f}")
@@ -427,20 +424,16 @@ def train_and_evaluate(config, workdir):
   return result
 
 
-def evaluate_checkpoint(config, workdir, which='best'):
-  """Evaluates the `which` ('best' or 'latest') checkpoint of `workdir`; prints the table and
+def evaluate_checkpoint(config, workdir):
+  """Evaluates the best checkpoint of `workdir` (else its latest); prints the table and
   writes the report (see `segjax.report`) to <workdir>/eval_<step>/."""
   experiment = Experiment(config, workdir)
-  state = experiment.checkpoints.restore(experiment.initial_state, which)
-  if state is None and which == 'best':
-    which = 'latest'
-    state = experiment.checkpoints.restore(experiment.initial_state, which)
+  state, which = experiment.checkpoints.restore_best_or_latest(experiment.initial_state)
   if state is None:
     raise SegjaxError(f'no checkpoint in {workdir}; train first (same --config and --workdir)')
   step = int(state.step)
   result = experiment.evaluate(state)
   print(f'Evaluation of the checkpoint at step {step} in {workdir}:\n'
         + metrics_lib.format_table(result, experiment.spec.class_names))
-  manager = experiment.checkpoints.best if which == 'best' else experiment.checkpoints.latest
-  _write_evaluation(experiment, step, result, os.path.join(manager.directory, str(step)))
+  _write_evaluation(experiment, step, result, experiment.checkpoints.path(step, which))
   return result

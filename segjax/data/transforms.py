@@ -19,6 +19,11 @@ def height_width(size):
   return int(height), int(width)
 
 
+def model_input_shape(dataset_config):
+  """[1, H, W, C] of one training crop: `dataset.image_size` and one channel per `mean`."""
+  return (1, *height_width(dataset_config.image_size), len(dataset_config.mean))
+
+
 def resize(image, label, scale):
   """Rescales by `scale`: bilinear for the image, nearest for the label (no new classes)."""
   height, width = label.shape
