@@ -8,7 +8,7 @@ coarse map, and the scores are resized bilinearly to the input size.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.models.layers import DoubleConv, max_pool_2x2, resize_to
+from segjax.models.layers import Conv, DoubleConv, max_pool_2x2, resize_to
 
 
 class Model(nn.Module):
@@ -25,5 +25,5 @@ class Model(nn.Module):
       if stage:
         x = max_pool_2x2(x)
       x = DoubleConv(self.features * 2 ** stage, dtype=self.dtype)(x, train=train)
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
+    logits = Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
     return resize_to(logits.astype(jnp.float32), *images.shape[1:3])

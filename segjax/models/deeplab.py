@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.models import resnet
-from segjax.models.layers import ConvBNReLU, resize_to
+from segjax.models.layers import Conv, ConvBNReLU, resize_to
 
 PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # output stride -> ASPP atrous rates
 VARIANTS = ('v3', 'v3plus')
@@ -169,5 +169,5 @@ class Model(nn.Module):
     if self.variant == 'v3plus':
       x = Decoder(self.low_level_features, self.decoder_features, self.frozen_bn, self.dtype,
                   name='decoder')(x, features['stage1'], train=train)
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
+    logits = Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x)
     return resize_to(logits.astype(jnp.float32), *images.shape[1:3])

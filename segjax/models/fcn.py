@@ -61,7 +61,7 @@ import numpy as np
 
 from segjax.models import resnet
 from segjax.models import vgg
-from segjax.models.layers import ConvBNReLU, resize_to
+from segjax.models.layers import Conv, ConvBNReLU, resize_to
 
 BACKBONES = ('vgg16', 'vgg16_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet101')
 VARIANTS = ('32s', '16s', '8s', '8s_atrous')
@@ -164,7 +164,7 @@ class FCNHead(nn.Module):
 
 def score_layer(num_classes, name, dtype):
   """A 1x1 class-scoring convolution with bias, zero-initialised (the paper's choice)."""
-  return nn.Conv(num_classes, (1, 1), kernel_init=nn.initializers.zeros, dtype=dtype,
+  return Conv(num_classes, (1, 1), kernel_init=nn.initializers.zeros, dtype=dtype,
                  name=name)
 
 

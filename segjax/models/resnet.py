@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.models import torch_layout
-from segjax.models.layers import batch_norm
+from segjax.models.layers import Conv, batch_norm
 
 DEPTHS = {  # depth -> (block kind, blocks per stage)
     18: ('basic', (2, 2, 2, 2)),
@@ -109,7 +109,7 @@ def _pad(kernel, rate=1):
 
 def _conv(features, kernel, name, strides=1, rate=1, dtype=jnp.float32):
   """Bias-free `kernel` x `kernel` convolution with PyTorch's padding (created in the caller)."""
-  return nn.Conv(features, (kernel, kernel), strides=strides, padding=_pad(kernel, rate),
+  return Conv(features, (kernel, kernel), strides=strides, padding=_pad(kernel, rate),
                  kernel_dilation=rate, use_bias=False, kernel_init=conv_init, dtype=dtype,
                  name=name)
 

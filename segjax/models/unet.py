@@ -11,7 +11,7 @@ H and W must be divisible by 2**depth.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.models.layers import DoubleConv, max_pool_2x2
+from segjax.models.layers import Conv, ConvTranspose, DoubleConv, max_pool_2x2
 
 
 class Model(nn.Module):
@@ -36,8 +36,8 @@ class Model(nn.Module):
     x = DoubleConv(self.features * 2 ** self.depth, dtype=self.dtype)(x, train=train)
     for level in reversed(range(self.depth)):
       width = self.features * 2 ** level
-      x = nn.ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+      x = ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = DoubleConv(width, dtype=self.dtype)(x, train=train)
-    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x).astype(jnp.float32)
+    return Conv(self.num_classes, (1, 1), dtype=self.dtype)(x).astype(jnp.float32)
 

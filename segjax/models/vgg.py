@@ -110,7 +110,7 @@ class VGG16(nn.Module):
     features = {}
     for block, (channels, indices) in enumerate(zip(block_widths(self.width), conv_indices)):
       for index in indices:
-        x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
+        x = layers.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
                     dtype=self.dtype, name=f'features_{index}')(x)
         if self.batch_norm:
           x = layers.batch_norm(not train, self.dtype, name=f'features_{index + 1}')(x)
@@ -119,7 +119,7 @@ class VGG16(nn.Module):
       features[f'pool{block + 1}'] = x
     if self.include_fc:
       for name, kernel in (('classifier_0', FC_KERNEL), ('classifier_3', 1)):
-        x = nn.Conv(fc_features(self.width), (kernel, kernel), padding='SAME',
+        x = layers.Conv(fc_features(self.width), (kernel, kernel), padding='SAME',
                     kernel_init=fc_init, dtype=self.dtype, name=name)(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
       features['fc7'] = x

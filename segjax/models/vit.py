@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax.models import torch_layout
-from segjax.models.layers import ConvBNReLU
+from segjax.models.layers import Conv, ConvBNReLU
 
 SIZES = {  # size -> (width D, depth, heads)
     'tiny': (192, 12, 3),
@@ -228,7 +228,7 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, images):
     p = self.patch_size
-    return nn.Conv(self.features, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+    return Conv(self.features, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                    kernel_init=nn.initializers.lecun_normal(), name='proj')(images)
 
 
@@ -255,7 +255,7 @@ class ConvStem(nn.Module):
         index = i * self.convs_per_stage + j
         x = ConvBNReLU(channels, strides=1 if j else 2, dtype=self.dtype,
                        name=f'convs_{index}')(x, train=train)
-    return nn.Conv(self.features, (1, 1), dtype=self.dtype, name='proj')(x)
+    return Conv(self.features, (1, 1), dtype=self.dtype, name='proj')(x)
 
 
 class ViT(nn.Module):

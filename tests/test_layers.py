@@ -1,0 +1,70 @@
+"""layers.Conv / layers.ConvTranspose against flax's nn.Conv / nn.ConvTranspose.
+
+The matrix-product paths must be drop-in: the same parameter tree (names, shapes, init
+draws), the same outputs and the same gradients with respect to inputs and parameters.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax.models import layers
+
+
+def _outputs_and_gradients(module, params, x):
+  loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # a non-linear cotangent
+  return module.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+
+def _assert_same_as_flax(ours, reference, input_shape):
+  x = jax.random.normal(jax.random.key(0), input_shape)
+  params = reference.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_array_equal(ours.init(jax.random.key(1), x)['params']['kernel'],
+                                params['params']['kernel'])
+  expected = _outputs_and_gradients(reference, params, x)
+  got = _outputs_and_gradients(ours, params, x)
+  assert got[0].shape == expected[0].shape
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('fields, input_shape, fast', [
+    (dict(kernel_size=(1, 1)), (2, 9, 7, 5), True),
+    (dict(kernel_size=(1, 1), strides=2), (2, 9, 7, 5), True),  # odd sides: ceil(9 / 2)
+    (dict(kernel_size=(1, 1), strides=2, padding='VALID', use_bias=False), (2, 9, 7, 5), True),
+    (dict(kernel_size=(4, 4), strides=4, padding='VALID'), (2, 18, 13, 3), True),  # cropped
+    (dict(kernel_size=(4, 4), strides=4, padding='SAME'), (2, 16, 12, 3), True),
+    (dict(kernel_size=(4, 4), strides=4, padding='SAME'), (2, 18, 12, 3), False),  # padded
+    (dict(kernel_size=(1, 1), padding=((1, 1), (0, 0))), (2, 6, 6, 3), False),
+    (dict(kernel_size=(3, 3), strides=2, kernel_dilation=2), (2, 9, 9, 3), False),
+])
+def test_conv_equals_flax_conv(fields, input_shape, fast):
+  ours, reference = layers.Conv(8, **fields), nn.Conv(8, **fields)
+  assert (ours._non_overlapping_patch(jnp.zeros(input_shape)) is not None) == fast
+  _assert_same_as_flax(ours, reference, input_shape)
+
+
+@pytest.mark.parametrize('fields, fast', [
+    (dict(kernel_size=(2, 2), strides=(2, 2)), True),  # U-Net's up-convolution
+    (dict(kernel_size=(3, 3), strides=(3, 3), padding='VALID', use_bias=False), True),
+    (dict(kernel_size=(3, 3), strides=(2, 2)), False),  # overlapping windows
+])
+def test_conv_transpose_equals_flax_conv_transpose(fields, fast):
+  input_shape = (2, 5, 7, 4)
+  ours, reference = layers.ConvTranspose(6, **fields), nn.ConvTranspose(6, **fields)
+  assert (ours._non_overlapping_patch(jnp.zeros(input_shape)) is not None) == fast
+  _assert_same_as_flax(ours, reference, input_shape)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  conv = layers.Conv(4, (1, 1), dtype=jnp.bfloat16)
+  params = conv.init(jax.random.key(1), x)
+  assert params['params']['kernel'].dtype == jnp.float32
+  y = conv.apply(params, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y.astype(jnp.float32), nn.Conv(4, (1, 1)).apply(params, x),
+                             rtol=2e-2, atol=2e-2)
