@@ -23,6 +23,7 @@ from segjax import losses
 from segjax import models
 from segjax import optim
 from segjax import parallel
+from segjax import semi
 from segjax import train
 
 NUM_CLASSES = 3
@@ -39,8 +40,9 @@ class NoBatchNorm(nn.Module):
     return nn.Conv(self.num_classes, (1, 1))(nn.relu(nn.Conv(8, (3, 3))(images)))
 
 
-def make_config():
+def make_config(semi_method='none'):
   config = configs.base_config()
+  config.semi_supervised.method = semi_method
   config.optimizer.name = 'sgd'  # Adam would magnify float noise in near-zero gradients
   config.optimizer.learning_rate = 0.05
   config.schedule = 'constant'
@@ -60,19 +62,31 @@ def make_batches(ignored_fraction):
   return batches
 
 
-def run(model, batches, *, devices, parallelism='jit', grad_accum_steps=1):
+def with_unlabelled(batches):
+  """`batches` with an 'unlabelled' batch of BATCH weak/strong views (every pixel valid, so
+  per-device means of the consistency loss are global means)."""
+  rng = np.random.default_rng(1)
+  views = lambda: rng.normal(size=(BATCH, SIDE, SIDE, 3)).astype(np.float32)
+  return [{**batch, 'unlabelled': {'weak': views(), 'strong': views(),
+                                   'valid': np.ones((BATCH, SIDE, SIDE), bool)}}
+          for batch in batches]
+
+
+def run(model, batches, *, devices, parallelism='jit', grad_accum_steps=1, semi_method='none'):
   """Trains `model` on `batches` over the first `devices` devices -> (losses, params, stats,
-  the final state)."""
-  config = make_config()
+  the final state). `semi_method` 'mean_teacher' runs `semi.semi_train_step` instead."""
+  config = make_config(semi_method)
   mesh = parallel.make_mesh(jax.devices()[:devices])
   init = functools.partial(train.create_train_state, model=model, config=config,
                            input_shape=(1, SIDE, SIDE, 3))
   state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(0))
-  step = functools.partial(
-      train.train_step,
-      pixel_loss=losses.make_loss(config.loss, ignore_label=255, class_weights=None),
-      aux_loss_weight=0.4, learning_rate_fn=optim.learning_rate_schedule(config),
-      grad_accum_steps=grad_accum_steps)
+  options = dict(pixel_loss=losses.make_loss(config.loss, ignore_label=255, class_weights=None),
+                 aux_loss_weight=0.4, learning_rate_fn=optim.learning_rate_schedule(config))
+  if semi_method == 'none':
+    step = functools.partial(train.train_step, **options, grad_accum_steps=grad_accum_steps)
+  else:
+    step = functools.partial(semi.semi_train_step, **options,
+                             semi_config=config.semi_supervised)
   step = parallel.compile_step(step, mesh, parallelism)
   step_losses = []
   for batch in batches:
@@ -120,6 +134,20 @@ def main():
   results['bn_accumulate_4_vs_whole'] = max_difference(
       eight, run(cnn, plain, devices=8, grad_accum_steps=4))
 
+  # Mean teacher: labelled and unlabelled images share the BatchNorm batch; the teacher
+  # (an EMA of the synced student) is compared with the other state.
+  semi_batches = with_unlabelled(plain)
+  semi_jit = run(cnn, semi_batches, devices=8, semi_method='mean_teacher')
+  semi_pmap = run(cnn, semi_batches, devices=8, parallelism='pmap', semi_method='mean_teacher')
+  semi_one = run(cnn, semi_batches, devices=1, semi_method='mean_teacher')
+  teacher = lambda result: jax.device_get((result[3].teacher['params'],
+                                            result[3].teacher['batch_stats']))
+  results['mean_teacher_jit_vs_pmap'] = max(max_difference(semi_jit, semi_pmap),
+                                            max_difference(teacher(semi_jit), teacher(semi_pmap)))
+  results['mean_teacher_1_vs_8_devices'] = max(max_difference(semi_one, semi_jit),
+                                               max_difference(teacher(semi_one), teacher(semi_jit)))
+  results['mean_teacher_moved'] = max_difference(teacher(semi_jit), semi_jit[1:3])
+
   half = run(cnn.clone(dtype=jnp.bfloat16), with_ignored, devices=8)
   state = half[3]
   results['half_param_dtypes'] = sorted({str(x.dtype) for x in jax.tree.leaves(
@@ -130,8 +158,9 @@ def main():
   apply = functools.partial(cnn.clone(dtype=jnp.bfloat16).apply, train=False)
   hlo = jax.jit(apply).lower(variables, images).as_text()
   results['half_logits_dtype'] = str(jax.eval_shape(apply, variables, images).dtype)
-  results['half_bf16_convolutions'] = sum(
-      'convolution' in line and 'bf16' in line for line in hlo.splitlines())
+  results['half_bf16_convolutions'] = sum(  # the 1x1 classifier is a dot (layers.Conv)
+      ('convolution' in line or 'dot_general' in line) and 'bf16' in line
+      for line in hlo.splitlines())
   json.dump(results, sys.stdout)
 
 

@@ -1,5 +1,6 @@
 """Two processes (2 CPU devices each, gloo collectives) train through launch.py exactly like one
-process with 4 devices; their checkpoint restores in a single one-device process.
+process with 4 devices, under both `parallelism` modes ('jit' and 'pmap'); their checkpoint
+restores in a single one-device process.
 
 The pair gets `--coordinator_address 127.0.0.1:PORT --num_processes 2 --process_id i` and
 shares one workdir, as processes of a pod share a bucket. Each reads its half of every
@@ -47,8 +48,9 @@ def config(data_dir):
   return config
 
 
-def launch_command(data_dir, workdir, *args):
-  flags = [f'--config.{field}={value}' for field, value in OVERRIDES.items()]
+def launch_command(data_dir, workdir, *args, parallelism='jit'):
+  flags = [f'--config.{field}={value}'
+           for field, value in {**OVERRIDES, 'parallelism': parallelism}.items()]
   return [sys.executable, 'launch.py', '--config', 'experiments/unet.py', *flags,
           f'--config.dataset.data_dir={data_dir}', f'--workdir={workdir}', *args]
 
@@ -68,20 +70,24 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope='module')
-def runs(data_dir, sources, tmp_path_factory):
-  """Workdirs of the two-process run and of the one-process run with 4 devices (the
-  `sources` fixture prepares the dataset first, so the processes only read it)."""
+@pytest.fixture(scope='module', params=['jit', 'pmap'])
+def runs(request, data_dir, sources, tmp_path_factory):
+  """Workdirs of the two-process run and of the one-process run with 4 devices, both with
+  `parallelism` = the param (the `sources` fixture prepares the dataset first, so the
+  processes only read it)."""
   del sources
-  pair, single = (str(tmp_path_factory.mktemp(name)) for name in ('pair', 'single'))
+  parallelism = request.param
+  pair, single = (str(tmp_path_factory.mktemp(f'{name}_{parallelism}'))
+                  for name in ('pair', 'single'))
   address = f'127.0.0.1:{free_port()}'
   processes = [subprocess.Popen(
       launch_command(data_dir, pair, f'--coordinator_address={address}', '--num_processes=2',
-                     f'--process_id={index}'),
+                     f'--process_id={index}', parallelism=parallelism),
       cwd=ROOT, env=environment(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for index in range(2)]
-  single_run = subprocess.run(launch_command(data_dir, single), cwd=ROOT, env=environment(4),
-                              capture_output=True, text=True, timeout=900)
+  single_run = subprocess.run(launch_command(data_dir, single, parallelism=parallelism),
+                              cwd=ROOT, env=environment(4), capture_output=True, text=True,
+                              timeout=900)
   for process in processes:
     _, stderr = process.communicate(timeout=900)
     assert process.returncode == 0, stderr[-3000:]

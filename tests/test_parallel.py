@@ -52,6 +52,13 @@ def test_pmap_matches_jit_because_batch_norm_is_synced(compared):
 
 
 @pytest.mark.slow
+def test_mean_teacher_step_is_the_same_under_pmap_and_over_devices(compared):
+  assert compared['mean_teacher_jit_vs_pmap'] < TOLERANCE
+  assert compared['mean_teacher_1_vs_8_devices'] < TOLERANCE
+  assert compared['mean_teacher_moved'] > 1e-3  # the teacher is not the student
+
+
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(compared):
   assert compared['accumulate_4_vs_whole'] < TOLERANCE
   assert compared['accumulate_2_pmap_vs_whole'] < TOLERANCE
