@@ -47,6 +47,32 @@ def test_conv_equals_flax_conv(fields, input_shape, fast):
   _assert_same_as_flax(ours, reference, input_shape)
 
 
+@pytest.mark.parametrize('fields, input_shape, taps', [
+    # ASPP-like: rate 6 on an 8x8 map reaches rows 0-1 / 0-7 / 6-7 ...
+    (dict(kernel_size=(3, 3), kernel_dilation=6), (2, 8, 8, 3),
+     ([(0, 0, 6, 8), (1, 0, 0, 8), (2, 6, 0, 2)],) * 2),
+    # ... and rate 12 only through the centre tap.
+    (dict(kernel_size=(3, 3), kernel_dilation=12, use_bias=False), (2, 8, 8, 3),
+     ([(1, 0, 0, 8)],) * 2),
+    # ResNet's explicit padding, a non-square map, per-axis rates.
+    (dict(kernel_size=(3, 3), kernel_dilation=(4, 3), padding=((4, 4), (3, 3))), (2, 8, 5, 3),
+     ([(0, 0, 4, 8), (1, 0, 0, 8), (2, 4, 0, 4)], [(0, 0, 3, 5), (1, 0, 0, 5), (2, 3, 0, 2)])),
+    # An even kernel: 'SAME' pads 1 before and 2 after.
+    (dict(kernel_size=(2, 2), kernel_dilation=3), (2, 4, 4, 3),
+     ([(0, 0, 1, 4), (1, 2, 0, 2)],) * 2),
+    # Most taps inside the map, undilated, strided or 'VALID': flax's convolution.
+    (dict(kernel_size=(3, 3), kernel_dilation=2), (2, 16, 16, 3), None),
+    (dict(kernel_size=(3, 3)), (2, 2, 2, 3), None),
+    (dict(kernel_size=(3, 3), kernel_dilation=6, strides=2), (2, 8, 8, 3), None),
+    (dict(kernel_size=(3, 3), kernel_dilation=3, padding='VALID'), (2, 8, 8, 3), None),
+])
+def test_atrous_conv_by_taps_equals_flax_conv(fields, input_shape, taps):
+  ours, reference = layers.Conv(8, **fields), nn.Conv(8, **fields)
+  plan = ours._sparse_taps(jnp.zeros(input_shape))
+  assert (plan and plan[0]) == taps
+  _assert_same_as_flax(ours, reference, input_shape)
+
+
 @pytest.mark.parametrize('fields, fast', [
     (dict(kernel_size=(2, 2), strides=(2, 2)), True),  # U-Net's up-convolution
     (dict(kernel_size=(3, 3), strides=(3, 3), padding='VALID', use_bias=False), True),

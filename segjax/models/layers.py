@@ -44,23 +44,61 @@ def _dot_last(x, kernel, precision):
   return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-class Conv(nn.Conv):
-  """`nn.Conv` (same fields, parameters, names and results) that computes the convolutions
-  whose windows do not overlap as matrix products: 1x1 kernels at any stride, and k x k
-  kernels at stride k ('VALID', or 'SAME' on sizes divisible by k; ViT's patch embedding).
-  Other configurations run `nn.Conv` unchanged. 2-D inputs [B, H, W, C] only.
+# A stride-1 convolution runs tap by tap (`_conv_by_taps`) when the taps' reads inside the
+# input are at most this share of the full convolution's work: atrous convolutions whose
+# rate is not small against the feature map (ASPP), where most taps read only padding.
+MAX_TAP_WORK = 0.65
 
-  Why: XLA:CPU runs a 1x1 convolution's weight gradient at 15-45 GFLOP/s and the
-  equivalent dot at 50-85 (forward 50-90 vs 85-185; 2-core CPU, ResNet-50 shapes), and
-  adds a layout transpose around each convolution; on GPU and TPU both forms become the
-  same GEMM, so the rewrite costs nothing there.
+
+def _tap_windows(size, kernel, dilation, padding_low, out_size):
+  """One spatial axis of a stride-1 convolution -> [(tap, input start, output start, output
+  stop)] of the taps that read the input: output o of tap t reads input
+  o + t * dilation - padding_low, which exists for outputs [start, stop)."""
+  windows = []
+  for tap in range(kernel):
+    shift = tap * dilation - padding_low
+    start, stop = max(0, -shift), min(out_size, size - shift)
+    if stop > start:
+      windows.append((tap, start + shift, start, stop))
+  return windows
+
+
+def _conv_by_taps(inputs, kernel, windows, out_size, precision):
+  """Convolution [B, H, W, C] x kernel [kh, kw, C, F] -> [B, out_h, out_w, F] as a sum of
+  one matrix product per (row tap, column tap) over the output window it reaches, padded
+  to the output: no work is spent on padding."""
+  (rows, cols), (out_h, out_w) = windows, out_size
+  y = jnp.zeros((inputs.shape[0], out_h, out_w, kernel.shape[-1]), inputs.dtype)
+  for i, in_row, row_start, row_stop in rows:
+    for j, in_col, col_start, col_stop in cols:
+      window = inputs[:, in_row:in_row + row_stop - row_start,
+                      in_col:in_col + col_stop - col_start]
+      y += jnp.pad(_dot_last(window, kernel[i, j], precision),
+                   ((0, 0), (row_start, out_h - row_stop), (col_start, out_w - col_stop),
+                    (0, 0)))
+  return y
+
+
+class Conv(nn.Conv):
+  """`nn.Conv` (same fields, parameters, names and results) that computes two kinds of
+  convolution with matrix products; the others run `nn.Conv` unchanged. 2-D inputs
+  [B, H, W, C] only.
+
+  - Non-overlapping windows: 1x1 kernels at any stride, and k x k kernels at stride k
+    ('VALID', or 'SAME' on sizes divisible by k; ViT's patch embedding), as one product.
+    XLA:CPU runs a 1x1 convolution's weight gradient at 15-45 GFLOP/s and the equivalent
+    dot at 50-85 (forward 50-90 vs 85-185; 2-core CPU, ResNet-50 shapes), and adds a layout
+    transpose around each convolution; on GPU and TPU both forms are the same GEMM.
+  - Stride-1 atrous convolutions whose taps mostly read padding (`MAX_TAP_WORK`), tap by
+    tap over the outputs each tap reaches. DeepLab's ASPP at rates 6/12/18 on a 16x16 map reads
+    padding for 44%/75%/89% of its taps' positions, which a convolution still multiplies:
+    forward and backward took 5x (rate 12) and 18x (rate 18) longer on XLA:CPU.
   """
 
   def _non_overlapping_patch(self, inputs):
-    """The patch side (1 or k) when the fast path applies, else None."""
+    """The patch side (1 or k) when the non-overlapping path applies, else None."""
     kernel, strides = _pair(self.kernel_size), _pair(self.strides)
-    if (inputs.ndim != 4 or self.mask is not None or self.feature_group_count != 1
-        or _pair(self.input_dilation) != (1, 1) or kernel[0] != kernel[1]):
+    if not self._plain_2d(inputs) or kernel[0] != kernel[1]:
       return None
     k = kernel[0]
     if k == 1:
@@ -72,25 +110,55 @@ class Conv(nn.Conv):
     divisible = inputs.shape[1] % k == 0 and inputs.shape[2] % k == 0
     return k if self.padding == 'VALID' or (self.padding == 'SAME' and divisible) else None
 
+  def _sparse_taps(self, inputs):
+    """(per-axis `_tap_windows`, output (height, width)) when the tap path applies, else
+    None."""
+    padding = nn.linear.canonicalize_padding(self.padding, 2)
+    kernel, dilation = _pair(self.kernel_size), _pair(self.kernel_dilation)
+    if (not self._plain_2d(inputs) or _pair(self.strides) != (1, 1) or dilation == (1, 1)
+        or padding not in ('SAME', 'VALID') and isinstance(padding, str)):
+      return None
+    spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    if isinstance(padding, str):
+      padding = jax.lax.padtype_to_pads(inputs.shape[1:3], spans, (1, 1), padding)
+    out_size = tuple(n + low + high - span + 1
+                     for n, span, (low, high) in zip(inputs.shape[1:3], spans, padding))
+    if min(out_size) < 1:
+      return None
+    windows = tuple(_tap_windows(n, k, d, low, out)
+                    for n, k, d, (low, _), out in zip(inputs.shape[1:3], kernel, dilation,
+                                                      padding, out_size))
+    reached = [sum(stop - start for *_, start, stop in axis) for axis in windows]
+    work = reached[0] * reached[1] / (kernel[0] * kernel[1] * out_size[0] * out_size[1])
+    return (windows, out_size) if work <= MAX_TAP_WORK else None
+
+  def _plain_2d(self, inputs):
+    return (inputs.ndim == 4 and self.mask is None and self.feature_group_count == 1
+            and _pair(self.input_dilation) == (1, 1))
+
   @nn.compact
   def __call__(self, inputs):
     k = self._non_overlapping_patch(inputs)
-    if k is None:
+    taps = None if k is not None else self._sparse_taps(inputs)
+    if k is None and taps is None:
       return super().__call__(inputs)
-    kernel = self.param('kernel', self.kernel_init, (k, k, inputs.shape[-1], self.features),
+    kernel = self.param('kernel', self.kernel_init,
+                        (*_pair(self.kernel_size), inputs.shape[-1], self.features),
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    batch, height, width, channels = inputs.shape
-    if k == 1:
+    if taps is not None:
+      y = _conv_by_taps(inputs, kernel, *taps, self.precision)
+    elif k == 1:
       sh, sw = _pair(self.strides)
-      patches = inputs[:, ::sh, ::sw]
+      y = _dot_last(inputs[:, ::sh, ::sw], kernel.reshape(-1, self.features), self.precision)
     else:  # [B, H/k, k, W/k, k, C] -> [B, H/k, W/k, k * k * C], kernel's (row, col, C) order
+      batch, height, width, channels = inputs.shape
       rows, cols = height // k, width // k
       patches = inputs[:, :rows * k, :cols * k].reshape(batch, rows, k, cols, k, channels)
       patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows, cols, -1)
-    y = _dot_last(patches, kernel.reshape(-1, self.features), self.precision)
+      y = _dot_last(patches, kernel.reshape(-1, self.features), self.precision)
     return y + bias if bias is not None else y
 
 
