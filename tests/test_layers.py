@@ -85,12 +85,14 @@ def test_conv_transpose_equals_flax_conv_transpose(fields, fast):
   _assert_same_as_flax(ours, reference, input_shape)
 
 
-def test_bfloat16_compute_keeps_float32_parameters():
+@pytest.mark.parametrize('fields', [dict(kernel_size=(1, 1)),
+                                    dict(kernel_size=(3, 3), kernel_dilation=6)])
+def test_bfloat16_compute_keeps_float32_parameters(fields):
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  conv = layers.Conv(4, (1, 1), dtype=jnp.bfloat16)
+  conv = layers.Conv(4, **fields, dtype=jnp.bfloat16)
   params = conv.init(jax.random.key(1), x)
   assert params['params']['kernel'].dtype == jnp.float32
   y = conv.apply(params, x)
   assert y.dtype == jnp.bfloat16
-  np.testing.assert_allclose(y.astype(jnp.float32), nn.Conv(4, (1, 1)).apply(params, x),
+  np.testing.assert_allclose(y.astype(jnp.float32), nn.Conv(4, **fields).apply(params, x),
                              rtol=2e-2, atol=2e-2)

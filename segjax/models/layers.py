@@ -39,9 +39,10 @@ def _pair(value):
   return (value, value) if isinstance(value, int) else tuple(value or (1, 1))
 
 
-def _dot_last(x, kernel, precision):
+def _dot_last(x, kernel, precision, preferred_element_type=None):
   """[..., C] x [C, F] -> [..., F], contracting the channel axis."""
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type)
 
 
 # A stride-1 convolution runs tap by tap (`_conv_by_taps`) when the taps' reads inside the
@@ -66,17 +67,18 @@ def _tap_windows(size, kernel, dilation, padding_low, out_size):
 def _conv_by_taps(inputs, kernel, windows, out_size, precision):
   """Convolution [B, H, W, C] x kernel [kh, kw, C, F] -> [B, out_h, out_w, F] as a sum of
   one matrix product per (row tap, column tap) over the output window it reaches, padded
-  to the output: no work is spent on padding."""
+  to the output: no work is spent on padding. The taps are summed in float32 (as a
+  convolution accumulates), then cast to the inputs' dtype."""
   (rows, cols), (out_h, out_w) = windows, out_size
-  y = jnp.zeros((inputs.shape[0], out_h, out_w, kernel.shape[-1]), inputs.dtype)
+  y = jnp.zeros((inputs.shape[0], out_h, out_w, kernel.shape[-1]), jnp.float32)
   for i, in_row, row_start, row_stop in rows:
     for j, in_col, col_start, col_stop in cols:
       window = inputs[:, in_row:in_row + row_stop - row_start,
                       in_col:in_col + col_stop - col_start]
-      y += jnp.pad(_dot_last(window, kernel[i, j], precision),
+      y += jnp.pad(_dot_last(window, kernel[i, j], precision, jnp.float32),
                    ((0, 0), (row_start, out_h - row_stop), (col_start, out_w - col_stop),
                     (0, 0)))
-  return y
+  return y.astype(inputs.dtype)
 
 
 class Conv(nn.Conv):
@@ -176,8 +178,8 @@ class ConvTranspose(nn.ConvTranspose):
   def _non_overlapping_patch(self, inputs):
     kernel, strides = _pair(self.kernel_size), _pair(self.strides)
     if (inputs.ndim != 4 or self.mask is not None or self.transpose_kernel
-        or self.preferred_element_type is not None or _pair(self.kernel_dilation) != (1, 1) or kernel != strides
-        or kernel[0] != kernel[1] or self.padding not in ('SAME', 'VALID')):
+        or self.preferred_element_type is not None or _pair(self.kernel_dilation) != (1, 1)
+        or kernel != strides or kernel[0] != kernel[1] or self.padding not in ('SAME', 'VALID')):
       return None
     return kernel[0]
 
