@@ -60,9 +60,14 @@ def test_conv_equals_flax_conv(fields, input_shape, fast):
     # An even kernel: 'SAME' pads 1 before and 2 after.
     (dict(kernel_size=(2, 2), kernel_dilation=3), (2, 4, 4, 3),
      ([(0, 0, 1, 4), (1, 2, 0, 2)],) * 2),
-    # Most taps inside the map, undilated, strided or 'VALID': flax's convolution.
+    # Kernels as large as the map: a U-Net's 2x2 bottom, FCN's 7x7 fc6 on a 4x4 pool5.
+    (dict(kernel_size=(3, 3)), (2, 2, 2, 3), ([(0, 0, 1, 2), (1, 0, 0, 2), (2, 1, 0, 1)],) * 2),
+    (dict(kernel_size=(7, 7)), (2, 4, 4, 3),
+     ([(0, 0, 3, 4), (1, 0, 2, 4), (2, 0, 1, 4), (3, 0, 0, 4), (4, 1, 0, 3), (5, 2, 0, 2),
+       (6, 3, 0, 1)],) * 2),
+    # Most taps inside the map (3x3 on 3x3: 0.605 of the work), strided or 'VALID': flax's.
     (dict(kernel_size=(3, 3), kernel_dilation=2), (2, 16, 16, 3), None),
-    (dict(kernel_size=(3, 3)), (2, 2, 2, 3), None),
+    (dict(kernel_size=(3, 3)), (2, 3, 3, 3), None),
     (dict(kernel_size=(3, 3), kernel_dilation=6, strides=2), (2, 8, 8, 3), None),
     (dict(kernel_size=(3, 3), kernel_dilation=3, padding='VALID'), (2, 8, 8, 3), None),
 ])

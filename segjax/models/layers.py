@@ -47,8 +47,11 @@ def _dot_last(x, kernel, precision, preferred_element_type=None):
 
 # A stride-1 convolution runs tap by tap (`_conv_by_taps`) when the taps' reads inside the
 # input are at most this share of the full convolution's work: atrous convolutions whose
-# rate is not small against the feature map (ASPP), where most taps read only padding.
-MAX_TAP_WORK = 0.65
+# rate is not small against the feature map (ASPP), and kernels as large as the map (FCN's
+# 7x7 fc6 on a 4x4 pool5, 3x3 on a U-Net's 2x2 bottom), where most taps read only padding.
+# At 0.6 a 3x3 kernel on a 3x3 map (0.605) stays a convolution: there the products are too
+# small for nine of them to beat one convolution.
+MAX_TAP_WORK = 0.6
 
 
 def _tap_windows(size, kernel, dilation, padding_low, out_size):
@@ -91,10 +94,11 @@ class Conv(nn.Conv):
     XLA:CPU runs a 1x1 convolution's weight gradient at 15-45 GFLOP/s and the equivalent
     dot at 50-85 (forward 50-90 vs 85-185; 2-core CPU, ResNet-50 shapes), and adds a layout
     transpose around each convolution; on GPU and TPU both forms are the same GEMM.
-  - Stride-1 atrous convolutions whose taps mostly read padding (`MAX_TAP_WORK`), tap by
-    tap over the outputs each tap reaches. DeepLab's ASPP at rates 6/12/18 on a 16x16 map reads
+  - Stride-1 convolutions whose taps mostly read padding (`MAX_TAP_WORK`), tap by tap over
+    the outputs each tap reaches. DeepLab's ASPP at rates 6/12/18 on a 16x16 map reads
     padding for 44%/75%/89% of its taps' positions, which a convolution still multiplies:
-    forward and backward took 5x (rate 12) and 18x (rate 18) longer on XLA:CPU.
+    forward and backward took 5x (rate 12) and 18x (rate 18) longer on XLA:CPU; a 7x7
+    512->1024 convolution on a 4x4 map 5x, a 3x3 one on a 2x2 map 3.4x.
   """
 
   def _non_overlapping_patch(self, inputs):
@@ -117,7 +121,7 @@ class Conv(nn.Conv):
     None."""
     padding = nn.linear.canonicalize_padding(self.padding, 2)
     kernel, dilation = _pair(self.kernel_size), _pair(self.kernel_dilation)
-    if (not self._plain_2d(inputs) or _pair(self.strides) != (1, 1) or dilation == (1, 1)
+    if (not self._plain_2d(inputs) or _pair(self.strides) != (1, 1)
         or padding not in ('SAME', 'VALID') and isinstance(padding, str)):
       return None
     spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
