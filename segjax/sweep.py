@@ -423,9 +423,18 @@ def _display(value):
   return _value_text(value).replace('|', '\\|')
 
 
+def _short_text(value):
+  """A value as a plot label: weighted terms (('cross_entropy', 1.0), ('dice', 0.5)) as
+  'cross_entropy + 0.5 dice', anything else as `_value_text`."""
+  if (isinstance(value, (tuple, list)) and value and all(
+      isinstance(t, (tuple, list)) and len(t) == 2 and isinstance(t[0], str) for t in value)):
+    return ' + '.join(name if weight == 1 else f'{weight:g} {name}' for name, weight in value)
+  return _value_text(value)
+
+
 def _label(variant):
   """A short label of a variant for plots: last field components, e.g. 'output_stride=8'."""
-  items = [f'{field.rsplit(".", 1)[-1]}={_value_text(v)}' for field, v in variant.items()]
+  items = [f'{field.rsplit(".", 1)[-1]}={_short_text(v)}' for field, v in variant.items()]
   return ', '.join(items) or 'seeds only'
 
 
@@ -471,28 +480,31 @@ def _write_csv(path, fields, class_names, rows):
 
 
 def _plot(path, rows):
-  """mIoU per variant with ±std error bars (left), validation mIoU curves (right)."""
+  """Final mIoU per variant with ±std error bars (top; one line per variant, best on top),
+  and the validation mIoU curves (bottom, legend under them)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   labels = [_label(row['variant']) for row in rows]
+  order = sorted(range(len(rows)), key=lambda i: rows[i]['miou_mean'])
+  # Axes 7 inches wide; the labels go outside them, kept by bbox_inches='tight' on saving.
   figure, (bars, curves) = plt.subplots(
-      1, 2, figsize=(12, 4.5), gridspec_kw={'width_ratios': [max(len(rows), 2), 6]})
-  bars.errorbar(range(len(rows)), [100 * r['miou_mean'] for r in rows],
-                yerr=[0 if math.isnan(r['miou_std']) else 100 * r['miou_std'] for r in rows],
-                fmt='o', capsize=4)
-  bars.set_xticks(range(len(rows)), labels, rotation=30, ha='right', fontsize=8)
-  bars.set_ylabel('final val mIoU (%), mean ± std over seeds')
-  bars.grid(axis='y', alpha=0.3)
+      2, 1, figsize=(7, 2.5 + 0.3 * len(rows) + 3.5),
+      gridspec_kw={'height_ratios': [1 + 0.3 * len(rows), 3.5], 'hspace': 0.35})
+  bars.errorbar([100 * rows[i]['miou_mean'] for i in order], range(len(rows)),
+                xerr=[0 if math.isnan(rows[i]['miou_std']) else 100 * rows[i]['miou_std']
+                      for i in order], fmt='o', capsize=4)
+  bars.set_yticks(range(len(rows)), [labels[i] for i in order], fontsize=8)
+  bars.set_xlabel('final validation mIoU (%), mean ± sample std over seeds')
+  bars.grid(axis='x', alpha=0.3)
   for row, label in builtins.zip(rows, labels):
     steps = sorted(row['curve'])
     curves.plot(steps, [100 * row['curve'][s] for s in steps], marker='.', label=label)
   curves.set_xlabel('step')
-  curves.set_ylabel('val mIoU (%), mean over seeds')
+  curves.set_ylabel('validation mIoU (%),\nmean over seeds')
   curves.grid(alpha=0.3)
-  curves.legend(fontsize=7)
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
+  curves.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.15))
+  figure.savefig(path, dpi=100, bbox_inches='tight')
   plt.close(figure)
 
 

@@ -358,3 +358,11 @@ def test_report_without_finished_runs_is_an_error(tmp_path):
     json.dump({'config': 'x.py', 'points': [{'name': 'seed=0', 'overrides': {'seed': 0}}]}, f)
   with pytest.raises(SegjaxError, match='no finished runs'):
     sweep.write_report(str(tmp_path))
+
+
+def test_plot_labels_name_the_last_field_component_and_weighted_terms_shortly():
+  variant = {'loss.terms': (('cross_entropy', 1.0), ('dice', 0.5)),
+             'loss.class_weighting': 'none', 'model.output_stride': 8}
+  assert sweep._label(variant) == ('terms=cross_entropy + 0.5 dice, class_weighting=none, '
+                                   'output_stride=8')
+  assert sweep._label({}) == 'seeds only'
