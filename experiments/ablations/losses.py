@@ -4,10 +4,10 @@ median frequency) for the U-Net on shapes, 2 seeds.
   python launch.py --config experiments/ablations/losses.py --mode sweep
 
 The model of experiments/unet.py (depth 3, 16 features, 32x32) trained for 1000 steps per
-run instead of 4000: 12 runs in about 25 minutes on an idle 2-core CPU (estimated; a
+run instead of 4000: 12 runs took 28 minutes on the 2-core CPU while tests shared it (a
 Lovasz-softmax step costs about twice the others). Median-frequency weights (Eigen & Fergus)
 are computed from the labels of the first 50 training batches and weight the cross-entropy
-term only. Results: runs/losses/results.md.
+term only. Results of that run: docs/ablations/losses/ (and README, "Ablation results").
 """
 import os
 

@@ -11,9 +11,9 @@ weight 1 (Sohn et al.); mean teacher: EMA decay 0.99, consistency weight 10 (the
 classes of a squared probability difference pulls far more weakly than a cross-entropy);
 both weights ramp up (sigmoid) over the first 300 steps. These weights are the papers'
 defaults or a first guess, not tuned here.
-12 runs in about 26 minutes on an idle 2-core CPU (estimated: a supervised step about 0.08 s,
-a semi-supervised step about 2.6 times that, as measured side by side on the shared machine,
-plus 15-20 s per run of compilation and evaluation). Results: runs/semi_supervised/results.md.
+12 runs took 33 minutes on the 2-core CPU while other jobs shared it (a semi-supervised step
+costs about 2.5 supervised ones). Results of that run: docs/ablations/semi_supervised/ (and
+README, "Ablation results": compare the methods per seed, the seeds' spread is larger).
 """
 import os
 

@@ -4,8 +4,8 @@ shapes, 3 seeds.
   python launch.py --config experiments/ablations/unet_size.py --mode sweep
 
 The U-Net of experiments/unet.py (32x32 crops) trained for 1000 steps per run instead of
-4000: 18 runs in about 22 minutes on an idle 2-core CPU (estimated from the steps' FLOPs and
-the default's time). Results: runs/unet_size/results.md.
+4000: 18 runs took 31 minutes on the 2-core CPU while tests shared it (less when idle).
+Results of that run: docs/ablations/unet_size/ (and README, "Ablation results").
 """
 import os
 
