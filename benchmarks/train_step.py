@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py --config experiments/unet.py [--config.batch_size=32]
   python benchmarks/train_step.py --suite [--batch_size 8 --size 128 --steps 5]
+  python benchmarks/train_step.py --config experiments/deeplab.py --profile 20
 
 With --config: one experiment config at its own batch size and crop. With --suite: every
 model family and size in SUITE at one stated batch and square resolution, as a Markdown
@@ -13,8 +14,23 @@ table. Data are random (the input pipeline is not measured here). Figures:
 - peak MB: XLA's buffer assignment for the step (`step_memory_mb`): its peak estimate where
   the backend gives one, else arguments + unaliased outputs + temporaries (CPU).
 Set XLA_FLAGS before running to compare compiler options.
+
+--profile N (with --config) then traces `--steps` steps with jax.profiler and prints where
+the step's time goes: milliseconds per step by XLA op kind (the fused instruction's name
+without its number, e.g. ynn_fusion, copy_bitcast_fusion, dot) and the N slowest ops with
+their output shape and the JAX operation they come from (the HLO op_name, e.g.
+.../aspp/atrous2/Conv_0/conv_general_dilated, under transpose(...) for the backward pass).
+Op times come from the trace events named after the compiled HLO instructions (XLA:CPU's
+thunks); a backend whose events carry kernel names instead reports nothing there.
 """
+import collections
+import glob
+import gzip
+import json
 import math
+import os
+import re
+import tempfile
 import time
 
 from absl import app
@@ -36,6 +52,8 @@ flags.DEFINE_bool('suite', False, 'Benchmark every entry of SUITE instead of --c
 flags.DEFINE_integer('batch_size', 8, '--suite: global batch size.')
 flags.DEFINE_integer('size', 128, '--suite: square input side, pixels.')
 flags.DEFINE_integer('steps', 10, 'Timed steps after the warm-up one.')
+flags.DEFINE_integer('profile', 0, '--config: also profile the step and print this many '
+                     'slowest ops (0: no profile).')
 FLAGS = flags.FLAGS
 
 # The published ViT encoders (patch embedding, all blocks) over the CPU default's fields.
@@ -161,6 +179,55 @@ def measure(config, steps):
   return {**figures, 'median_s': float(np.median(times)), 'min_s': min(times)}
 
 
+def _instructions(hlo_text):
+  """Compiled HLO text -> {instruction name: (output shape, JAX op_name or '')}."""
+  found = {}
+  for line in hlo_text.splitlines():
+    match = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) ', line)
+    if match:
+      op_name = re.search(r'op_name="([^"]+)"', line)
+      found[match.group(1)] = (match.group(2), op_name.group(1) if op_name else '')
+  return found
+
+
+def profile(config, steps):
+  """Device time of `config`'s step per HLO instruction, from a jax.profiler trace of `steps`
+  steps -> [(ms per step, instruction, output shape, JAX op_name)], slowest first."""
+  spec = data_lib.get_spec(config.dataset)
+  compiled, state, batch, key, _ = compile_step(config, random_batch(config, spec.num_classes))
+  state, _, _ = run_step(compiled, state, batch, key)  # warm-up
+  instructions = _instructions(compiled.as_text())
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(steps):
+      state, _, _ = run_step(compiled, state, batch, key)
+    jax.profiler.stop_trace()
+    path, = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
+    with gzip.open(path, 'rt', encoding='utf-8') as f:
+      events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  micros = collections.Counter()
+  for event in events:
+    if event.get('ph') == 'X' and event.get('name') in instructions:
+      micros[event['name']] += event['dur']
+  return [(us / 1e3 / steps, name, *instructions[name]) for name, us in micros.most_common()]
+
+
+def print_profile(ops, top):
+  """Markdown tables of `profile`'s ops: time by op kind, then the `top` slowest ops."""
+  total = sum(ms for ms, *_ in ops)
+  kinds = collections.Counter()
+  for ms, name, *_ in ops:
+    kinds[re.sub(r'\.\d+$', '', name)] += ms
+  print(f'\nop time per step: {total:.1f} ms (ops run on several threads can overlap)\n')
+  print('| op kind | ms / step | share |\n|---|---|---|')
+  for kind, ms in kinds.most_common(12):
+    print(f'| {kind} | {ms:.1f} | {100 * ms / total:.1f}% |')
+  print('\n| ms / step | op | output | from |\n|---|---|---|---|')
+  for ms, name, shape, op_name in ops[:top]:
+    print(f'| {ms:.1f} | {name} | {shape} | {op_name} |')
+
+
 def row(label, config, figures):
   height, width = transforms.height_width(config.dataset.image_size)
   return (f"| {label} | {config.batch_size} x {height}x{width} | {figures['params'] / 1e6:.2f} M "
@@ -190,6 +257,8 @@ def main(argv):
   print('|---|---|---|---|---|---|---|---|')
   for label, config in entries:
     print(row(label, config, measure(config, FLAGS.steps)), flush=True)
+  if FLAGS.profile and not FLAGS.suite:
+    print_profile(profile(FLAGS.config, FLAGS.steps), FLAGS.profile)
 
 
 if __name__ == '__main__':
