@@ -165,7 +165,7 @@ class FCNHead(nn.Module):
 def score_layer(num_classes, name, dtype):
   """A 1x1 class-scoring convolution with bias, zero-initialised (the paper's choice)."""
   return Conv(num_classes, (1, 1), kernel_init=nn.initializers.zeros, dtype=dtype,
-                 name=name)
+              name=name)
 
 
 class Model(nn.Module):

@@ -200,8 +200,8 @@ class ConvTranspose(nn.ConvTranspose):
     batch, height, width, _ = inputs.shape
     # lax.conv_transpose correlates the stride-dilated input with the kernel, so output
     # offset (a, b) inside a cell takes tap (k-1-a, k-1-b).
-    taps = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(inputs.shape[-1], -1)
-    y = _dot_last(inputs, taps, self.precision).reshape(batch, height, width, k, k, -1)
+    matrix = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(inputs.shape[-1], -1)
+    y = _dot_last(inputs, matrix, self.precision).reshape(batch, height, width, k, k, -1)
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height * k, width * k, -1)
     return y + bias if bias is not None else y
 
@@ -220,8 +220,8 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, *, train):
     x = Conv(self.features, (self.kernel, self.kernel), strides=self.strides,
-            padding='SAME', kernel_dilation=self.dilation, use_bias=False,
-            dtype=self.dtype)(x)
+             padding='SAME', kernel_dilation=self.dilation, use_bias=False,
+             dtype=self.dtype)(x)
     return nn.relu(batch_norm(not train, self.dtype)(x))
 
 

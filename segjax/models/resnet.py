@@ -110,8 +110,8 @@ def _pad(kernel, rate=1):
 def _conv(features, kernel, name, strides=1, rate=1, dtype=jnp.float32):
   """Bias-free `kernel` x `kernel` convolution with PyTorch's padding (created in the caller)."""
   return Conv(features, (kernel, kernel), strides=strides, padding=_pad(kernel, rate),
-                 kernel_dilation=rate, use_bias=False, kernel_init=conv_init, dtype=dtype,
-                 name=name)
+              kernel_dilation=rate, use_bias=False, kernel_init=conv_init, dtype=dtype,
+              name=name)
 
 
 class _Block(nn.Module):

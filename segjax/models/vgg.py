@@ -111,7 +111,7 @@ class VGG16(nn.Module):
     for block, (channels, indices) in enumerate(zip(block_widths(self.width), conv_indices)):
       for index in indices:
         x = layers.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
-                    dtype=self.dtype, name=f'features_{index}')(x)
+                        dtype=self.dtype, name=f'features_{index}')(x)
         if self.batch_norm:
           x = layers.batch_norm(not train, self.dtype, name=f'features_{index + 1}')(x)
         x = nn.relu(x)
@@ -120,7 +120,7 @@ class VGG16(nn.Module):
     if self.include_fc:
       for name, kernel in (('classifier_0', FC_KERNEL), ('classifier_3', 1)):
         x = layers.Conv(fc_features(self.width), (kernel, kernel), padding='SAME',
-                    kernel_init=fc_init, dtype=self.dtype, name=name)(x)
+                        kernel_init=fc_init, dtype=self.dtype, name=name)(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
       features['fc7'] = x
     return features

@@ -236,7 +236,7 @@ class PatchEmbed(nn.Module):
   def __call__(self, images):
     p = self.patch_size
     return Conv(self.features, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                   kernel_init=nn.initializers.lecun_normal(), name='proj')(images)
+                kernel_init=nn.initializers.lecun_normal(), name='proj')(images)
 
 
 class ConvStem(nn.Module):
