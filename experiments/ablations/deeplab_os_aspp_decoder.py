@@ -4,7 +4,8 @@
 
 The model of experiments/deeplab.py (ResNet-18 at width 16, 64x64 crops, ASPP with the
 paper's rates for the output stride) trained for 1000 steps per run instead of 6000: 16 runs
-in under 30 minutes on an idle 2-core CPU. Results: runs/deeplab_os_aspp_decoder/results.md.
+took 26 minutes on the 2-core CPU, sharing it with the slow tests for the last 15. Results of
+that run: docs/ablations/deeplab_os_aspp_decoder/ (and README, "Ablation results").
 'ASPP off' puts one 1x1 conv-BN-ReLU of the same width in its place (`model.aspp=False`).
 At 64x64 crops the last feature map is 4x4 (OS16) or 8x8 (OS8), smaller than the paper's
 rates (6-36), so each atrous branch sees only its centre tap: on this dataset the ASPP axis
