@@ -166,12 +166,18 @@ def run_step(compiled, state, batch, key):
   return state, metrics, time.perf_counter() - started
 
 
-def measure(config, steps):
-  """{'params', 'gflops', 'compile_s', 'median_s', 'min_s', 'peak_mb'} of `config`'s step."""
+def warm_step(config):
+  """`compile_step` on a random batch of `config`, then one untimed step -> the same tuple."""
   spec = data_lib.get_spec(config.dataset)
   compiled, state, batch, key, figures = compile_step(config,
                                                       random_batch(config, spec.num_classes))
-  state, _, _ = run_step(compiled, state, batch, key)  # warm-up
+  state, _, _ = run_step(compiled, state, batch, key)
+  return compiled, state, batch, key, figures
+
+
+def measure(config, steps):
+  """{'params', 'gflops', 'compile_s', 'median_s', 'min_s', 'peak_mb'} of `config`'s step."""
+  compiled, state, batch, key, figures = warm_step(config)
   times = []
   for _ in range(steps):
     state, _, seconds = run_step(compiled, state, batch, key)
@@ -193,9 +199,7 @@ def _instructions(hlo_text):
 def profile(config, steps):
   """Device time of `config`'s step per HLO instruction, from a jax.profiler trace of `steps`
   steps -> [(ms per step, instruction, output shape, JAX op_name)], slowest first."""
-  spec = data_lib.get_spec(config.dataset)
-  compiled, state, batch, key, _ = compile_step(config, random_batch(config, spec.num_classes))
-  state, _, _ = run_step(compiled, state, batch, key)  # warm-up
+  compiled, state, batch, key, _ = warm_step(config)
   instructions = _instructions(compiled.as_text())
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
