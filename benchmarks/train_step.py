@@ -127,8 +127,9 @@ def compile_step(config, batch, compiler_options=None):
   """Builds `config`'s model and train state and compiles its train step for `batch`.
 
   batch: numpy {'image', 'label'} (`random_batch`); `config.half_precision` computes in
-  bfloat16 as the trainer does; `compiler_options`: XLA options for this compilation only
-  (e.g. {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}).
+  bfloat16 as the trainer does. XLA options: the trainer's (`parallel.compiler_options`),
+  updated with `compiler_options` for this compilation only (e.g.
+  {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}).
   Returns (compiled step, state, device batch, rng key, {'params', 'gflops', 'compile_s',
   'peak_mb'}); call `run_step(compiled, state, batch, key)` to step (the state is donated).
   """
@@ -136,7 +137,8 @@ def compile_step(config, batch, compiler_options=None):
   model = models_lib.get_model(config.model, spec.num_classes)
   if config.half_precision:
     model = model.clone(dtype=jnp.bfloat16)
-  batch = parallel.to_global(batch, parallel.make_mesh())
+  mesh = parallel.make_mesh()
+  batch = parallel.to_global(batch, mesh)
   state = train.create_train_state(jax.random.key(0), model, config,
                                    (1, *batch['image'].shape[1:]))
   step = jax.jit(lambda s, b, r: train.train_step(
@@ -146,7 +148,8 @@ def compile_step(config, batch, compiler_options=None):
       donate_argnums=0)
   key = jax.random.key(1)
   started = time.perf_counter()
-  compiled = step.lower(state, batch, key).compile(compiler_options)
+  compiled = step.lower(state, batch, key).compile(
+      {**parallel.compiler_options(mesh), **(compiler_options or {})})
   compile_s = time.perf_counter() - started
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

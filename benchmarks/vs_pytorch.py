@@ -32,9 +32,11 @@ of them. Figures per variant:
   one step (torch.profiler with profile_memory, summed per op in time order); on CUDA:
   `torch.cuda.max_memory_allocated` over one step;
 - loss: the first and last training loss (the batch is fixed, so it must fall).
-`--xla_options` adds a JAX variant compiled with those XLA options (the rest compile with
-the defaults), e.g. xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT, the
-per-compilation form of XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot.
+`--xla_options` adds a JAX variant compiled with those XLA options on top of segjax's own
+(`parallel.compiler_options`, which the other JAX variant and the trainer use), e.g.
+`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT` (a value may hold commas).
+To time JAX with jaxlib's own defaults instead, name the option in XLA_FLAGS (segjax then
+leaves it alone), e.g. XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution.
 
 Input pipeline: images/s of segjax's grain training stream (`pipeline.train_batches`:
 decode, random rescale, crop, flip, normalise, batch) on the embedded shapes dataset at
@@ -47,6 +49,7 @@ torch.autocast bfloat16) has not been run.
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -112,8 +115,8 @@ def model_shapes(models, batch, size):
 
 
 def xla_options(text):
-  """'a=1,b=x' -> {'a': '1', 'b': 'x'}."""
-  return dict(item.split('=', 1) for item in text.split(',') if item)
+  """'a=1,b=x,y' -> {'a': '1', 'b': 'x,y'}: a comma starts a new option only before KEY=."""
+  return dict(item.split('=', 1) for item in re.split(r',(?=\w+=)', text) if item)
 
 
 def benchmark_config(name, batch, size, args):

@@ -207,7 +207,8 @@ class Experiment:
     eval_step = evaluate_lib.make_eval_step(
         self.predict, num_classes=self.spec.num_classes, ignore_label=self.spec.ignore_label)
     self.eval_step = jax.jit(eval_step, in_shardings=(replicated, batch_sharding),
-                             out_shardings=replicated)
+                             out_shardings=replicated,
+                             compiler_options=parallel.compiler_options(self.mesh))
     self.checkpoints = checkpoint_lib.Checkpoints(workdir, config.max_to_keep)
 
   def train_batches(self, start_step):

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -117,3 +118,35 @@ def test_whole_batch_is_placed_once_over_the_devices():
   placed = parallel.whole_to_global(batch, mesh)['label']
   assert placed.sharding == parallel.batch_sharding(mesh)
   np.testing.assert_array_equal(np.asarray(placed), batch['label'])
+
+
+def _conv_step(state, batch, rng, axis_name=None):
+  """A convolution's weight gradient as a stand-in train step (the op the options target)."""
+  del rng, axis_name
+  def loss(kernel):
+    return jax.lax.conv_general_dilated(batch, kernel, (1, 1), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC')).sum()
+  return state - jax.grad(loss)(state), {}
+
+
+def test_cpu_steps_compile_with_segjax_xla_options(monkeypatch):
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  mesh = parallel.make_mesh()
+  assert parallel.compiler_options(mesh) == parallel.CPU_COMPILER_OPTIONS
+  kernel, images = np.ones((3, 3, 2, 4), np.float32), np.ones((2, 5, 5, 2), np.float32)
+  args = (kernel, parallel.to_global(images, mesh), jax.random.key(0))
+  new_kernel, _ = parallel.compile_step(_conv_step, mesh, 'jit')(*args)
+  np.testing.assert_allclose(np.asarray(new_kernel)[1, 1], 1 - 2 * 25)  # centre tap: all pixels
+  # The options reach XLA: a value it does not know fails the compilation.
+  monkeypatch.setattr(parallel, 'CPU_COMPILER_OPTIONS',
+                      {'xla_cpu_experimental_ynn_fusion_type': 'NO_SUCH_FUSION'})
+  with pytest.raises(Exception, match='NO_SUCH_FUSION'):
+    parallel.compile_step(_conv_step, mesh, 'jit').lower(*args).compile()
+
+
+def test_xla_flags_and_other_platforms_keep_their_own_options(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
+  assert parallel.compiler_options(parallel.make_mesh()) == {}
+  monkeypatch.delenv('XLA_FLAGS')
+  gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform='gpu')]))
+  assert parallel.compiler_options(gpu_mesh) == {}
