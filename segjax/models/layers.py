@@ -73,12 +73,16 @@ def _conv_by_taps(inputs, kernel, windows, out_size, precision):
   to the output: no work is spent on padding. The taps are summed in float32 (as a
   convolution accumulates), then cast to the inputs' dtype."""
   (rows, cols), (out_h, out_w) = windows, out_size
-  y = jnp.zeros((inputs.shape[0], out_h, out_w, kernel.shape[-1]), jnp.float32)
+  kh, kw, channels, features = kernel.shape
+  # One split, not kernel[i, j] per tap: the gradient of a split is one concatenation, of
+  # each indexing a pad to the whole kernel (9 x 19 MB to sum for a 3x3 2048->256 ASPP).
+  taps = jax.lax.split(kernel.reshape(kh * kw, channels, features), [1] * (kh * kw))
+  y = jnp.zeros((inputs.shape[0], out_h, out_w, features), jnp.float32)
   for i, in_row, row_start, row_stop in rows:
     for j, in_col, col_start, col_stop in cols:
       window = inputs[:, in_row:in_row + row_stop - row_start,
                       in_col:in_col + col_stop - col_start]
-      y += jnp.pad(_dot_last(window, kernel[i, j], precision, jnp.float32),
+      y += jnp.pad(_dot_last(window, taps[i * kw + j][0], precision, jnp.float32),
                    ((0, 0), (row_start, out_h - row_stop), (col_start, out_w - col_stop),
                     (0, 0)))
   return y.astype(inputs.dtype)
