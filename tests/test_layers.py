@@ -101,3 +101,17 @@ def test_bfloat16_compute_keeps_float32_parameters(fields):
   assert y.dtype == jnp.bfloat16
   np.testing.assert_allclose(y.astype(jnp.float32), nn.Conv(4, **fields).apply(params, x),
                              rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize('input_shape', [(2, 8, 6, 3), (1, 7, 5, 2)])  # odd sides: cropped
+def test_max_pool_2x2_equals_flax_max_pool(input_shape):
+  x = jax.random.normal(jax.random.key(0), input_shape)  # no ties: one max per window
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  cotangent = jax.random.normal(jax.random.key(1), reference(x).shape)
+  grad = lambda pool: jax.vjp(pool, x)[1](cotangent)[0]
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), reference(x))
+  np.testing.assert_array_equal(grad(layers.max_pool_2x2), grad(reference))
+  # Tied maxima (all-zero windows, as after a ReLU) share the window's gradient.
+  zeros = jnp.zeros((1, 2, 2, 1))
+  np.testing.assert_array_equal(jax.grad(lambda x: layers.max_pool_2x2(x).sum())(zeros),
+                                jnp.full((1, 2, 2, 1), 0.25))

@@ -1,7 +1,6 @@
 """Building blocks shared by the models."""
 import contextlib
 import contextvars
-import functools
 
 import flax.linen as nn
 import jax
@@ -234,7 +233,19 @@ def resize_to(x, height, width):
   return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), method='bilinear')
 
 
-max_pool_2x2 = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+def max_pool_2x2(x):
+  """2x2 max pooling at stride 2 ('VALID', as `nn.max_pool` and PyTorch: an odd last row or
+  column is dropped). [B, H, W, C] -> [B, H // 2, W // 2, C].
+
+  The elementwise maximum of the window's four strided slices rather than a reduce-window:
+  XLA:CPU computes a reduce-window's gradient through index (iota) arrays the size of the
+  input and a variadic reduce-window (fwd + bwd at 8 x 128^2 x 64: 92 ms; this: 13 ms).
+  Where a window holds tied maxima, the gradient is split between them (a reduce-window
+  gives it all to one); after a ReLU those ties are zeros, whose gradient the ReLU discards.
+  """
+  x = x[:, :x.shape[1] // 2 * 2, :x.shape[2] // 2 * 2]
+  return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
+                     jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
 
 
 class DoubleConv(nn.Module):
