@@ -103,15 +103,24 @@ def test_bfloat16_compute_keeps_float32_parameters(fields):
                              rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize('input_shape', [(2, 8, 6, 3), (1, 7, 5, 2)])  # odd sides: cropped
-def test_max_pool_2x2_equals_flax_max_pool(input_shape):
+@pytest.mark.parametrize('size, stride, padding, input_shape', [
+    (2, 2, 0, (2, 8, 6, 3)), (2, 2, 0, (1, 7, 5, 2)),  # odd sides: the last row dropped
+    (3, 2, 1, (2, 8, 6, 3)), (3, 2, 1, (1, 7, 5, 2)),  # ResNet's stem pool
+])
+def test_max_pool_equals_flax_max_pool(size, stride, padding, input_shape):
   x = jax.random.normal(jax.random.key(0), input_shape)  # no ties: one max per window
-  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  reference = lambda x: nn.max_pool(x, (size, size), strides=(stride, stride),
+                                    padding=((padding, padding), (padding, padding)))
+  pool = lambda x: layers.max_pool(x, size, stride, padding)
   cotangent = jax.random.normal(jax.random.key(1), reference(x).shape)
   grad = lambda pool: jax.vjp(pool, x)[1](cotangent)[0]
-  np.testing.assert_array_equal(layers.max_pool_2x2(x), reference(x))
-  np.testing.assert_array_equal(grad(layers.max_pool_2x2), grad(reference))
-  # Tied maxima (all-zero windows, as after a ReLU) share the window's gradient.
-  zeros = jnp.zeros((1, 2, 2, 1))
-  np.testing.assert_array_equal(jax.grad(lambda x: layers.max_pool_2x2(x).sum())(zeros),
-                                jnp.full((1, 2, 2, 1), 0.25))
+  np.testing.assert_array_equal(pool(x), reference(x))
+  np.testing.assert_array_equal(grad(pool), grad(reference))
+
+
+def test_max_pool_splits_the_gradient_between_tied_maxima():
+  # All-zero windows, as after a ReLU: each 2x2 window's gradient is shared, summing to 1.
+  grad = jax.grad(lambda x: layers.max_pool_2x2(x).sum())(jnp.zeros((1, 4, 4, 1)))
+  assert jnp.all(grad > 0)
+  np.testing.assert_allclose(grad[0, :, :, 0].reshape(2, 2, 2, 2).sum(axis=(1, 3)),
+                             jnp.ones((2, 2)))

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from segjax.models import torch_layout
-from segjax.models.layers import Conv, batch_norm
+from segjax.models.layers import Conv, batch_norm, max_pool
 
 DEPTHS = {  # depth -> (block kind, blocks per stage)
     18: ('basic', (2, 2, 2, 2)),
@@ -199,7 +199,7 @@ class ResNet(nn.Module):
     use_running_average = not train or self.frozen_bn
     x = _conv(self.width, 7, 'conv1', strides=2, dtype=self.dtype)(images.astype(self.dtype))
     x = nn.relu(batch_norm(use_running_average, self.dtype, 'bn1')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, 3, 2, padding=1)
     features = {'stem': x}
     stages = stage_strides_and_rates(self.output_stride)
     for stage, (width, num_blocks, (stride, rate)) in enumerate(
