@@ -21,7 +21,9 @@ without its number, e.g. ynn_fusion, copy_bitcast_fusion, dot) and the N slowest
 their output shape and the JAX operation they come from (the HLO op_name, e.g.
 .../aspp/atrous2/Conv_0/conv_general_dilated, under transpose(...) for the backward pass).
 Op times come from the trace events named after the compiled HLO instructions (XLA:CPU's
-thunks); a backend whose events carry kernel names instead reports nothing there.
+thunks); a backend whose events carry kernel names instead reports nothing there. The traced
+step's wall time is printed next to their sum: work a thunk hands to a thread pool (XLA:CPU's
+own convolutions) runs outside its event, so the sum can fall well short of the step.
 """
 import collections
 import glob
@@ -201,13 +203,16 @@ def _instructions(hlo_text):
 
 def profile(config, steps):
   """Device time of `config`'s step per HLO instruction, from a jax.profiler trace of `steps`
-  steps -> [(ms per step, instruction, output shape, JAX op_name)], slowest first."""
+  steps -> ([(ms per step, instruction, output shape, JAX op_name)], slowest first; median
+  wall ms of the traced steps)."""
   compiled, state, batch, key, _ = warm_step(config)
   instructions = _instructions(compiled.as_text())
+  seconds = []
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     for _ in range(steps):
-      state, _, _ = run_step(compiled, state, batch, key)
+      state, _, step_s = run_step(compiled, state, batch, key)
+      seconds.append(step_s)
     jax.profiler.stop_trace()
     path, = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
     with gzip.open(path, 'rt', encoding='utf-8') as f:
@@ -217,16 +222,19 @@ def profile(config, steps):
   for event in events:
     if event.get('ph') == 'X' and event.get('name') in instructions:
       micros[event['name']] += event['dur']
-  return [(us / 1e3 / steps, name, *instructions[name]) for name, us in micros.most_common()]
+  ops = [(us / 1e3 / steps, name, *instructions[name]) for name, us in micros.most_common()]
+  return ops, float(np.median(seconds)) * 1e3
 
 
-def print_profile(ops, top):
+def print_profile(ops, step_ms, top):
   """Markdown tables of `profile`'s ops: time by op kind, then the `top` slowest ops."""
   total = sum(ms for ms, *_ in ops)
   kinds = collections.Counter()
   for ms, name, *_ in ops:
     kinds[re.sub(r'\.\d+$', '', name)] += ms
-  print(f'\nop time per step: {total:.1f} ms (ops run on several threads can overlap)\n')
+  print(f'\nstep {step_ms:.1f} ms (traced); named ops {total:.1f} ms per step. Ops on several '
+        'threads overlap; work an op hands to a thread pool is outside its event (XLA:CPU\'s '
+        'own convolutions show only their launch), so the sum can fall short of the step.\n')
   print('| op kind | ms / step | share |\n|---|---|---|')
   for kind, ms in kinds.most_common(12):
     print(f'| {kind} | {ms:.1f} | {100 * ms / total:.1f}% |')
@@ -265,7 +273,7 @@ def main(argv):
   for label, config in entries:
     print(row(label, config, measure(config, FLAGS.steps)), flush=True)
   if FLAGS.profile and not FLAGS.suite:
-    print_profile(profile(FLAGS.config, FLAGS.steps), FLAGS.profile)
+    print_profile(*profile(FLAGS.config, FLAGS.steps), FLAGS.profile)
 
 
 if __name__ == '__main__':

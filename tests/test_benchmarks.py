@@ -49,14 +49,15 @@ def test_measure_reports_the_model_and_positive_costs(bench):
 def test_profile_attributes_the_step_to_the_models_operations(bench, capsys):
   config = tiny_config('/unused')
   config.batch_size = 2
-  ops = bench.profile(config, steps=1)
-  assert ops and all(ms >= 0 for ms, *_ in ops)
+  ops, step_ms = bench.profile(config, steps=1)
+  assert step_ms > 0 and ops and all(ms >= 0 for ms, *_ in ops)
   assert [ms for ms, *_ in ops] == sorted((ms for ms, *_ in ops), reverse=True)
   sources = ' '.join(op_name for *_, op_name in ops)
   # The U-Net's 3x3 convolutions, forward (jvp) and backward (transpose).
   assert 'DoubleConv_0/ConvBNReLU_0/Conv_0' in sources and 'transpose(jvp(Model))' in sources
-  bench.print_profile(ops, top=3)
+  bench.print_profile(ops, step_ms, top=3)
   printed = capsys.readouterr().out
+  assert f'step {step_ms:.1f} ms (traced)' in printed
   assert '| op kind | ms / step | share |' in printed and printed.count('\n| ') >= 5
 
 
