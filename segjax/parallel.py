@@ -27,9 +27,9 @@ PARALLELISMS = ('jit', 'pmap')
 
 # XLA:CPU (jaxlib 0.10) hands dot fusions, reductions and, by default, convolutions to
 # YNNPACK. YNNPACK's convolution weight gradient is up to 3.3x slower than XLA's own kernel
-# (3x3, 8 images of 128^2 x 64 channels: 43 vs 118 GFLOP/s) and its other convolutions are
-# no faster beyond that size, so convolutions are kept out of it: U-Net 8x128^2 and
-# DeepLab-R50 4x256^2 train steps 22% and 16% faster (README, speed against PyTorch).
+# (3x3, 8 images of 128^2 x 64 channels: 43 vs 118 GFLOP/s), while its forward and input
+# gradient are faster only on the largest maps, by at most 20%. So convolutions are kept
+# out of it: U-Net 8x128^2 and DeepLab-R50 4x256^2 train steps 22% and 16% faster.
 _YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
 CPU_COMPILER_OPTIONS = {_YNN_FUSION_TYPE: 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 
