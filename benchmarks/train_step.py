@@ -26,6 +26,7 @@ step's wall time is printed next to their sum: work a thunk hands to a thread po
 own convolutions) runs outside its event, so the sum can fall well short of the step.
 """
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -129,8 +130,9 @@ def compile_step(config, batch, compiler_options=None):
   """Builds `config`'s model and train state and compiles its train step for `batch`.
 
   batch: numpy {'image', 'label'} (`random_batch`); `config.half_precision` computes in
-  bfloat16 as the trainer does. XLA options: the trainer's (`parallel.compiler_options`),
-  updated with `compiler_options` for this compilation only (e.g.
+  bfloat16 as the trainer does. The step is jitted as the trainer's ('jit' parallelism of
+  `parallel.compile_step`: shardings, donation, segjax's XLA options), with
+  `compiler_options` added for this compilation only (e.g.
   {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}).
   Returns (compiled step, state, device batch, rng key, {'params', 'gflops', 'compile_s',
   'peak_mb'}); call `run_step(compiled, state, batch, key)` to step (the state is donated).
@@ -143,15 +145,14 @@ def compile_step(config, batch, compiler_options=None):
   batch = parallel.to_global(batch, mesh)
   state = train.create_train_state(jax.random.key(0), model, config,
                                    (1, *batch['image'].shape[1:]))
-  step = jax.jit(lambda s, b, r: train.train_step(
-      s, b, r, pixel_loss=losses.make_loss(config.loss, ignore_label=spec.ignore_label,
-                                           class_weights=config.loss.class_weights or None),
-      aux_loss_weight=config.loss.aux_weight, learning_rate_fn=lambda _: 0.0),
-      donate_argnums=0)
+  step = parallel.compile_step(functools.partial(
+      train.train_step,
+      pixel_loss=losses.make_loss(config.loss, ignore_label=spec.ignore_label,
+                                  class_weights=config.loss.class_weights or None),
+      aux_loss_weight=config.loss.aux_weight, learning_rate_fn=lambda _: 0.0), mesh, 'jit')
   key = jax.random.key(1)
   started = time.perf_counter()
-  compiled = step.lower(state, batch, key).compile(
-      {**parallel.compiler_options(mesh), **(compiler_options or {})})
+  compiled = step.lower(state, batch, key).compile(compiler_options)
   compile_s = time.perf_counter() - started
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
