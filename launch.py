@@ -13,9 +13,16 @@ import os
 import re
 import sys
 
+from segjax import host
+
+if __name__ == '__main__':
+  host.preload_tcmalloc()  # before the slow imports below: re-executes under tcmalloc
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from segjax import parallel
@@ -23,6 +30,7 @@ from segjax import predict
 from segjax import sweep
 from segjax import train
 from segjax.errors import SegjaxError
+# pylint: enable=wrong-import-position
 
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, optionally with a variant: path.py[:arg].',
@@ -122,6 +130,9 @@ def main(argv):
   try:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)  # before anything touches devices
+    advice = host.tcmalloc_advice(jax.default_backend())
+    if advice and jax.process_index() == 0:
+      logging.warning(advice)
     if FLAGS.mode == 'train':
       train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == 'eval':
