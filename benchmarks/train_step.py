@@ -13,7 +13,9 @@ table. Data are random (the input pipeline is not measured here). Figures:
   steps after one warm-up; images/s = batch / median step;
 - peak MB: XLA's buffer assignment for the step (`step_memory_mb`): its peak estimate where
   the backend gives one, else arguments + unaliased outputs + temporaries (CPU).
-Set XLA_FLAGS before running to compare compiler options.
+Set XLA_FLAGS before running to compare compiler options. The script re-executes itself
+under tcmalloc where installed, as launch.py does (`segjax.host`; SEGJAX_TCMALLOC=0 keeps
+the system malloc); the header names the allocator.
 
 --profile N (with --config) then traces `--steps` steps with jax.profiler and prints where
 the step's time goes: milliseconds per step by XLA op kind (the fused instruction's name
@@ -36,6 +38,12 @@ import re
 import tempfile
 import time
 
+from segjax import host
+
+if __name__ == '__main__':
+  host.preload_tcmalloc()  # as launch.py: before the slow imports below
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 import jax
@@ -49,6 +57,7 @@ from segjax import models as models_lib
 from segjax import parallel
 from segjax import train
 from segjax.data import transforms
+# pylint: enable=wrong-import-position
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=False)
 flags.DEFINE_bool('suite', False, 'Benchmark every entry of SUITE instead of --config.')
@@ -267,7 +276,7 @@ def main(argv):
     raise app.UsageError('pass --config FILE or --suite')
   device = jax.devices()[0]
   print(f'{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}, '
-        f'{FLAGS.steps} timed steps')
+        f'{FLAGS.steps} timed steps, {host.malloc_in_use()} malloc')
   print('| model | batch x input | params | GFLOP/step | compile | step median (min) '
         '| images/s | peak MB |')
   print('|---|---|---|---|---|---|---|---|')

@@ -37,6 +37,9 @@ of them. Figures per variant:
 `xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT` (a value may hold commas).
 To time JAX with jaxlib's own defaults instead, name the option in XLA_FLAGS (segjax then
 leaves it alone), e.g. XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution.
+Memory allocator: the script re-executes itself under tcmalloc where installed, as launch.py
+does (`segjax.host`), so both frameworks run under the allocator segjax trains with;
+SEGJAX_TCMALLOC=0 times both with the system malloc. The header names the allocator.
 
 Input pipeline: images/s of segjax's grain training stream (`pipeline.train_batches`:
 decode, random rescale, crop, flip, normalise, batch) on the embedded shapes dataset at
@@ -54,6 +57,12 @@ import sys
 import tempfile
 import time
 
+from segjax import host
+
+if __name__ == '__main__':
+  host.preload_tcmalloc()  # as launch.py (both frameworks then run under tcmalloc)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,13 +70,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch_models  # pylint: disable=g-import-not-at-top,wrong-import-position
-import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+import torch_models
+import train_step
 
-from segjax import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from segjax import data as data_lib  # pylint: disable=wrong-import-position
-from segjax import models as models_lib  # pylint: disable=wrong-import-position
-from segjax.data import pipeline  # pylint: disable=wrong-import-position
+from segjax import configs
+from segjax import data as data_lib
+from segjax import models as models_lib
+from segjax.data import pipeline
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {  # command-line name -> train_step.SUITE label
@@ -358,7 +368,7 @@ def main(argv=None):
   print(f'{jax.device_count()} x {jax_device.platform} ({jax_device.device_kind}), '
         f'{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; '
         f'jax {jax.__version__}, torch {torch.__version__}; {dtype}; XLA_FLAGS='
-        f'{os.environ.get("XLA_FLAGS", "")!r}')
+        f'{os.environ.get("XLA_FLAGS", "")!r}; {host.malloc_in_use()} malloc')
   print(f'measured peak: {peak:.0f} GFLOP/s, the best {dtype} {side}x{side} matmul of ' +
         ', '.join(f'{k} {v:.0f}' for k, v in peaks.items()))
   print(f'{args.warmup} warm-up and {args.steps} timed steps per variant, alternating; '
