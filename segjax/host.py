@@ -23,6 +23,11 @@ INSTALL_HINT = ('apt install libtcmalloc-minimal4 (Debian/Ubuntu), dnf install '
                 'gperftools-libs (Fedora) or conda install gperftools')
 
 
+def _tcmalloc_wanted():
+  """Linux (where LD_PRELOAD works as used here) and no SEGJAX_TCMALLOC=0."""
+  return sys.platform.startswith('linux') and os.environ.get(OPT_OUT) != '0'
+
+
 def find_tcmalloc():
   """The installed tcmalloc shared library as the dynamic loader names it (e.g.
   'libtcmalloc_minimal.so.4'), or None."""
@@ -64,8 +69,8 @@ def preload_tcmalloc():
   Linux, where tcmalloc is not installed, with SEGJAX_TCMALLOC=0, in a process that was
   re-executed already, or where LD_PRELOAD already names an allocator.
   """
-  if (not sys.platform.startswith('linux') or os.environ.get(OPT_OUT) == '0'
-      or os.environ.get(_PRELOADED) or 'malloc' in os.environ.get('LD_PRELOAD', '')):
+  if (not _tcmalloc_wanted() or os.environ.get(_PRELOADED)
+      or 'malloc' in os.environ.get('LD_PRELOAD', '')):
     return
   library = find_tcmalloc()
   if library is None:
@@ -78,8 +83,7 @@ def preload_tcmalloc():
 def tcmalloc_advice(backend):
   """For a run on the CPU `backend` ('cpu', as jax.default_backend() names it) under the
   system malloc of Linux: a one-line suggestion to install tcmalloc; else None."""
-  if (backend != 'cpu' or not sys.platform.startswith('linux') or os.environ.get(OPT_OUT) == '0'
-      or malloc_in_use() != 'system'):
+  if backend != 'cpu' or not _tcmalloc_wanted() or malloc_in_use() != 'system':
     return None
   return ('XLA:CPU train steps ran 6-25% faster under tcmalloc, which segjax preloads where '
           f'installed: {INSTALL_HINT}; {OPT_OUT}=0 silences this.')
