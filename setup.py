@@ -6,8 +6,9 @@ setuptools.setup(
     version='0.1.0',
     description='Semantic image segmentation research code in JAX/Flax.',
     packages=setuptools.find_packages(include=['segjax', 'segjax.*']),
-    python_requires='>=3.10',
-    # Ranges tested together on CPU with Python 3.11 (see README).
+    # jax 0.10, flax 0.12 and orbax-checkpoint 0.12 need Python 3.11 or newer.
+    python_requires='>=3.11',
+    # Ranges tested together on CPU with Python 3.11, 3.12 and 3.13.
     install_requires=[
         'jax>=0.10.0,<0.11',
         'flax>=0.12.0,<0.13',
