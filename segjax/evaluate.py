@@ -4,6 +4,13 @@ augmentation), the confusion matrix accumulated on device, then metrics.
 `make_predict` builds the jittable inference function `(variables, images) -> logits` that the
 eval step, prediction and image panels share; `make_eval_step` reduces its argmax to a
 confusion matrix per batch, and `evaluate` sums those over a split on host.
+
+Two test protocols (`config.evaluation.pad`): True, every image of a batch padded at the
+bottom/right to one size (`pipeline.eval_batches`); False, as the benchmarks' own test
+pipelines (mmsegmentation, torchvision), every image inferred alone at its own size after
+the protocol's resize (`evaluation.resize`), with no padding at all (padding changes the
+logits of models with BatchNorm and global pooling), and its logits resized back to its
+label's size (`resize_logits`, as mmseg's `postprocess_result`) before the argmax.
 """
 import functools
 
@@ -15,7 +22,7 @@ from segjax import metrics as metrics_lib
 from segjax import parallel
 from segjax.data import pipeline
 from segjax.data import transforms
-from segjax.errors import ConfigError
+from segjax.errors import ConfigError, DataError
 
 MODES = ('whole', 'slide')
 
@@ -53,6 +60,7 @@ def whole_logits(infer, images, *, multiple=pipeline.EVAL_PAD_MULTIPLE):
   `infer` runs on the images padded at the bottom/right to multiples of `multiple` (as the
   eval batches already are), so models that need sizes divisible by their output stride
   (U-Net) take images of any size and any test scale; the padding is cropped off the logits.
+  `multiple` 1 (evaluation.pad False): the model runs on the images as they are.
   """
   height, width = images.shape[1:3]
   padded = _pad_bottom_right(images, height + -height % multiple, width + -width % multiple)
@@ -66,22 +74,41 @@ def window_starts(size, window, stride):
   return [min(i * stride, size - window) for i in range(count)]
 
 
-def slide_logits(infer, images, *, window, stride, num_classes):
+def slide_windows(height, width, window, stride, *, pad=True):
+  """((window height, window width), [(top, left), ...]) of the sliding windows over an
+  image of (height, width), in the order they are run (row by row).
+
+  pad True: an image smaller than the window along a side is padded to it there (the
+  offsets are those of the padded image). pad False: mmsegmentation's `slide_inference`,
+  h_grids = max(h - h_crop + h_stride - 1, 0) // h_stride + 1 windows starting at
+  min(i * h_stride, h - h_crop) (likewise along the width), so along a side shorter than the
+  window there is one window of that side's own length, never padded.
+  """
+  (window_h, window_w), (stride_h, stride_w) = window, stride
+  if not pad:
+    window_h, window_w = min(window_h, height), min(window_w, width)
+  padded_h, padded_w = max(height, window_h), max(width, window_w)
+  offsets = [(top, left) for top in window_starts(padded_h, window_h, stride_h)
+             for left in window_starts(padded_w, window_w, stride_w)]
+  return (window_h, window_w), offsets
+
+
+def slide_logits(infer, images, *, window, stride, num_classes, pad=True):
   """Sliding-window inference: images [B, H, W, C] -> logits float32 [B, H, W, num_classes].
 
   infer: images [B, h, w, C] -> logits [B, h, w, num_classes] for windows of `window` =
-  (h, w). Images smaller than the window are padded at the bottom/right with 0 (the mean
-  colour after normalisation) and the padding is cropped off the logits. Logits of
-  overlapping windows are summed and divided by the number of windows covering each pixel.
-  The windows are run one after another (`lax.scan`, one compiled model call, the memory of
-  one window batch), each on the whole batch of images.
+  (h, w). With `pad`, images smaller than the window are padded at the bottom/right with 0
+  (the mean colour after normalisation) and the padding is cropped off the logits; without,
+  the window shrinks to the image along such a side (`slide_windows`, mmsegmentation's
+  slide_inference). Logits of overlapping windows are summed and divided by the number of
+  windows covering each pixel. The windows are run one after another (`lax.scan`, one
+  compiled model call, the memory of one window batch), each on the whole batch of images.
   """
   batch, height, width, channels = images.shape
-  (window_h, window_w), (stride_h, stride_w) = window, stride
+  (window_h, window_w), offsets = slide_windows(height, width, window, stride, pad=pad)
   padded_h, padded_w = max(height, window_h), max(width, window_w)
   images = _pad_bottom_right(images, padded_h, padded_w)
-  offsets = np.array([(top, left) for top in window_starts(padded_h, window_h, stride_h)
-                      for left in window_starts(padded_w, window_w, stride_w)], np.int32)
+  offsets = np.array(offsets, np.int32)
   if len(offsets) == 1:  # one window covers the (padded) image: no loop, no division
     return infer(images)[:, :height, :width]
   counts = np.zeros((padded_h, padded_w), np.float32)
@@ -112,6 +139,41 @@ def resize(x, height, width):
   return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), method='bilinear')
 
 
+def _bilinear_taps(out_size, in_size):
+  """(i0, i1, w1) along one axis of torch's bilinear interpolation with align_corners=False:
+  output pixel d reads (1 - w1) * in[i0] + w1 * in[i1] at the source coordinate
+  max((d + 0.5) * in / out - 0.5, 0), in float32."""
+  scale = np.float32(in_size / out_size)
+  source = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale
+                      - np.float32(0.5), np.float32(0))
+  index = np.minimum(np.floor(source).astype(np.int32), in_size - 1)
+  return index, np.minimum(index + 1, in_size - 1), (source - index).astype(np.float32)
+
+
+def resize_logits(logits, height, width):
+  """logits [B, h, w, K] -> float32 [B, height, width, K], bilinear with half-pixel centres
+  and no antialiasing, even when shrinking: torch's `F.interpolate(mode='bilinear',
+  align_corners=False)`, which mmsegmentation's `postprocess_result` applies to bring the
+  logits back to the label's size. Separable gathers (4 taps per pixel), not a dense
+  resampling matrix, so a 512x683 -> 1536x2048 resize of 150 classes stays cheap."""
+  logits = logits.astype(jnp.float32)
+  for axis, size in ((1, height), (2, width)):
+    if logits.shape[axis] != size:
+      i0, i1, w1 = _bilinear_taps(size, logits.shape[axis])
+      w1 = jnp.asarray(w1).reshape((-1,) + (1,) * (logits.ndim - 1 - axis))
+      logits = (jnp.take(logits, i0, axis=axis) * (1 - w1)
+                + jnp.take(logits, i1, axis=axis) * w1)
+  return logits
+
+
+def predictions_at(logits, height, width):
+  """int32 class maps [B, height, width]: the argmax of logits [B, h, w, K], resized first
+  (`resize_logits`) where (h, w) is not (height, width)."""
+  if logits.shape[1:3] != (height, width):
+    logits = resize_logits(logits, height, width)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def view_logits(infer, images, scale, flip):
   """Logits [B, H, W, K] of one test-time view: `images` [B, H, W, C] resized by `scale` and
   mirrored left-right if `flip`, inferred, and mapped back (un-mirrored, resized to H, W)."""
@@ -136,7 +198,11 @@ def make_predict(model, evaluation_config, *, num_classes, crop_size=None):
   `stride`; a window of 0 needs `crop_size`, the training crop `config.dataset.image_size`);
   `scales` (tuple of floats) and `flip` (bool) for test-time augmentation: each scale's view
   is the image resized bilinearly (`scaled_size`), inferred, and its logits resized back;
-  with `flip` also the mirrored image, its logits mirrored back.
+  with `flip` also the mirrored image, its logits mirrored back. `pad` (default True): with
+  False the images are inferred as they are, never padded ('whole': one model call on the
+  image; 'slide': `slide_windows` without padding), for batches of equally sized images
+  (`pipeline.eval_batches` with evaluation.pad False); a size the model cannot take is a
+  DataError.
 
   With one view (scales of one value, no flip) the result is that view's logits. With
   several, as in mmsegmentation's aug_test, the softmax probabilities of the views are
@@ -153,16 +219,20 @@ def make_predict(model, evaluation_config, *, num_classes, crop_size=None):
                       f'{", ".join(MODES)}')
   if evaluation_config.mode == 'slide':
     window, stride = window_and_stride(evaluation_config, crop_size)
+  pad = evaluation_config.get('pad', True)
   flips = (False, True) if evaluation_config.flip else (False,)
   views = [(float(scale), flip) for scale in evaluation_config.scales for flip in flips]
 
   def predict(variables, images):
     infer = functools.partial(model.apply, variables, train=False)
+    if not pad:
+      infer = functools.partial(_unpadded, infer)
     if evaluation_config.mode == 'slide':
       infer = functools.partial(slide_logits, infer, window=window, stride=stride,
-                                num_classes=num_classes)
+                                num_classes=num_classes, pad=pad)
     else:
-      infer = functools.partial(whole_logits, infer)
+      infer = functools.partial(whole_logits, infer,
+                                multiple=pipeline.EVAL_PAD_MULTIPLE if pad else 1)
     if len(views) == 1:
       return view_logits(infer, images, *views[0]).astype(jnp.float32)
     probabilities = sum(jax.nn.softmax(view_logits(infer, images, scale, flip).astype(
@@ -172,15 +242,34 @@ def make_predict(model, evaluation_config, *, num_classes, crop_size=None):
   return predict
 
 
+def _unpadded(infer, images):
+  """infer(images), a model that cannot take the images' size unpadded being a DataError."""
+  try:
+    return infer(images)
+  except Exception as e:  # pylint: disable=broad-except
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise DataError(
+        f'the model cannot take a {images.shape[1]}x{images.shape[2]} image unpadded '
+        f'(evaluation.pad=False): {first_line}; use evaluation.pad=True, '
+        "evaluation.mode='slide', or an evaluation.resize that gives sizes it takes") from e
+
+
 def settings(evaluation_config, crop_size):
   """The inference settings of `evaluation_config` as a JSON-able dict (window and stride
-  resolved, for 'slide' only)."""
+  resolved, for 'slide' only; pad, resize and resize_scale where they are not the
+  defaults)."""
   described = {'mode': evaluation_config.mode,
                'scales': [float(scale) for scale in evaluation_config.scales],
                'flip': bool(evaluation_config.flip)}
   if evaluation_config.mode == 'slide':
     window, stride = window_and_stride(evaluation_config, crop_size)
     described.update(window=list(window), stride=list(stride))
+  if not evaluation_config.get('pad', True):
+    described['pad'] = False
+  if evaluation_config.get('resize', ''):
+    scale = evaluation_config.resize_scale
+    described.update(resize=evaluation_config.resize,
+                     resize_scale=list(scale) if isinstance(scale, (tuple, list)) else scale)
   return described
 
 
@@ -189,11 +278,14 @@ def settings(evaluation_config, crop_size):
 def make_eval_step(predict, *, num_classes, ignore_label):
   """(variables, batch) -> [C, C] int32 confusion matrix of the batch's argmax predictions.
 
-  predict: `make_predict`'s function; batch: `image` [B, H, W, C], `label` int [B, H, W].
+  predict: `make_predict`'s function; batch: `image` [B, h, w, C], `label` int [B, H, W].
+  Where (h, w) is not (H, W) (evaluation.resize 'fit': the image was resized, the label
+  not), the logits are resized to (H, W) (`predictions_at`) before the argmax.
   """
 
   def eval_step(variables, batch):
-    predictions = jnp.argmax(predict(variables, batch['image']), axis=-1)
+    predictions = predictions_at(predict(variables, batch['image']),
+                                 *batch['label'].shape[1:3])
     return metrics_lib.confusion_matrix(predictions, batch['label'], num_classes=num_classes,
                                         ignore_label=ignore_label)
 

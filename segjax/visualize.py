@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax import evaluate as evaluate_lib
 from segjax import semi
 from segjax.data import pipeline
 
@@ -121,16 +122,66 @@ def _panel_inputs(experiment):
   return _PANEL_INPUTS[experiment]
 
 
+def _protocol_panel_inputs(experiment):
+  """([(image [h, w, C], label [H, W])], classify) of `experiment`'s panels under
+  evaluation.pad False: the first `config.log_images` validation examples as evaluated
+  (`pipeline.protocol_examples`), read once per experiment; classify: jitted (variables,
+  images [1, h, w, C], (H, W)) -> int32 [1, H, W], the logits resized to the label's size."""
+  if experiment not in _PANEL_INPUTS:
+    config, source = experiment.config, experiment.sources['validation']
+    examples = list(itertools.islice(
+        pipeline.protocol_examples(source, experiment.spec, config), config.log_images))
+    predict = experiment.predict
+    classify = jax.jit(lambda variables, images, size: evaluate_lib.predictions_at(
+        predict(variables, images), *size), static_argnums=2)
+    _PANEL_INPUTS[experiment] = (examples, classify)
+  return _PANEL_INPUTS[experiment]
+
+
+def _stacked(pictures):
+  """uint8 [N, H_i, W_i, 3] panels of different sizes, each padded with black at the right to
+  the widest, as a list `MetricWriter.images` stacks top to bottom."""
+  width = max(picture.shape[1] for picture in pictures)
+  return [np.pad(picture, ((0, 0), (0, width - picture.shape[1]), (0, 0)))
+          for picture in pictures]
+
+
+def _protocol_panels(experiment, state):
+  """The panels of `_protocol_panel_inputs`' examples, one image at a time at its own size:
+  the image shown at its label's size (nearest pixels), each panel subsampled by a whole
+  stride when a side is over PANEL_MAX_SIDE."""
+  config = experiment.config
+  examples, classify = _protocol_panel_inputs(experiment)
+  colours = class_colours(config.dataset, experiment.spec.num_classes)
+  variables = semi.inference_variables(state)
+  pictures = []
+  for image, label in examples:
+    prediction = np.asarray(jax.device_get(classify(variables, image[None], label.shape)))[0]
+    rows = np.arange(label.shape[0]) * image.shape[0] // label.shape[0]
+    columns = np.arange(label.shape[1]) * image.shape[1] // label.shape[1]
+    image = image[rows][:, columns]
+    stride = -(-max(label.shape) // PANEL_MAX_SIDE)
+    pictures.append(panels(image[None, ::stride, ::stride], label[None, ::stride, ::stride],
+                           prediction[None, ::stride, ::stride], colours,
+                           mean=config.dataset.mean, std=config.dataset.std,
+                           ignore_label=experiment.spec.ignore_label)[0])
+  return _stacked(pictures)
+
+
 def log_validation_panels(experiment, writer, state):
   """Logs panels (see `panels`) of the first `config.log_images` validation images, predicted
   by `state`, to TensorBoard under 'val/predictions' at `state.step`.
 
-  One forward pass on those images, compiled once per experiment. Images with a side over
-  PANEL_MAX_SIDE are subsampled by a whole stride. Every process computes the predictions
-  (the state is a global array); only the main process's writer writes.
+  One forward pass on those images, compiled once per experiment (under evaluation.pad
+  False, one per image size: each image alone, see `_protocol_panels`). Images with a side
+  over PANEL_MAX_SIDE are subsampled by a whole stride. Every process computes the
+  predictions (the state is a global array); only the main process's writer writes.
   """
   config = experiment.config
   if not config.log_images:
+    return
+  if not config.evaluation.pad:
+    writer.images(int(state.step), 'val/predictions', _protocol_panels(experiment, state))
     return
   images, labels, classify = _panel_inputs(experiment)
   predictions = np.asarray(jax.device_get(classify(semi.inference_variables(state), images)))

@@ -1,9 +1,11 @@
 """grain input pipelines over TFDS data sources: training stream and exact evaluation batches.
 
 A batch is a dict with `image` float32 [B, H, W, C] (normalised) and `label` int32 [B, H, W]
-(class index or the dataset's ignore label).
+(class index or the dataset's ignore label); evaluation batches under evaluation.resize
+'fit' have labels of another size than their images ([B, h, w, C] and [B, H, W]).
 """
 import grain
+import jax
 import numpy as np
 
 from segjax.data import transforms
@@ -127,7 +129,13 @@ def eval_batches(source, spec, config):
   resolution and predictions on padded pixels never reach the confusion matrix. The last
   batch is filled up with such padding examples. An image larger than the pad size is a
   `DataError`.
+
+  With `config.evaluation.pad` False, the batches are `protocol_batches` instead: every
+  example once, resized as `evaluation.resize` says and never padded.
   """
+  if not config.evaluation.get('pad', True):
+    yield from protocol_batches(source, spec, config)
+    return
   data = config.dataset
   pad_height, pad_width = eval_pad_size(source, data)
 
@@ -155,6 +163,64 @@ def eval_batches(source, spec, config):
                           constant_values=spec.ignore_label),
       }
     yield batch
+
+
+def protocol_examples(source, spec, config):
+  """Every example of `source` once, in order, as a benchmark's test pipeline prepares it:
+  (image float32 [h, w, C] normalised, label int32 [H, W]).
+
+  The image is resized by `transforms.protocol_resize` (config.evaluation.resize and
+  resize_scale: '' none, 'fit' mmsegmentation's keep-ratio Resize with the label left at its
+  own size, 'short_side' torchvision's with the label resized nearest) and never padded.
+  """
+  data, evaluation = config.dataset, config.evaluation
+
+  def prepare(index, example):
+    image, label = decode(example, spec, len(data.mean), index)
+    image, label = transforms.protocol_resize(image, label, evaluation.resize,
+                                              evaluation.resize_scale)
+    return transforms.normalize(image, data.mean, data.std), label.astype(np.int32)
+
+  dataset = grain.MapDataset.source(source).map_with_index(prepare)
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads)))
+
+
+def protocol_batches(source, spec, config, rows=None):
+  """The `protocol_examples` of `source` in batches of `rows` (default: the device count, one
+  image per device) examples whose images, and labels, have one size: each image is
+  inferred at its own size, and each distinct size is one compiled shape.
+
+  Examples wait in a group per (image size, label size) until it has `rows` of them; when
+  more than `config.eval_batch_size` wait, the largest group goes out, and at the end every
+  group does, its missing rows filled with zero images and `ignore_label` labels (they reach
+  no metric). So every example is in exactly one batch, once.
+  """
+  rows = rows or jax.device_count()
+  waiting, count = {}, 0  # (image shape, label shape) -> [(image, label)]
+  for image, label in protocol_examples(source, spec, config):
+    group = waiting.setdefault((image.shape, label.shape), [])
+    group.append((image, label))
+    count += 1
+    if len(group) == rows:
+      count -= rows
+      yield _filled_batch(waiting.pop((image.shape, label.shape)), rows, spec.ignore_label)
+    elif count > config.eval_batch_size:
+      largest = max(waiting, key=lambda key: len(waiting[key]))
+      count -= len(waiting[largest])
+      yield _filled_batch(waiting.pop(largest), rows, spec.ignore_label)
+  for group in waiting.values():
+    yield _filled_batch(group, rows, spec.ignore_label)
+
+
+def _filled_batch(group, rows, ignore_label):
+  """A batch of the (image, label) pairs of `group` (one size), filled up to `rows` with
+  zero images and `ignore_label` labels."""
+  missing = rows - len(group)
+  images = np.stack([image for image, _ in group])
+  labels = np.stack([label for _, label in group])
+  return {'image': np.pad(images, ((0, missing),) + ((0, 0),) * 3),
+          'label': np.pad(labels, ((0, missing), (0, 0), (0, 0)),
+                          constant_values=ignore_label)}
 
 
 def check_labels(labels, spec, where):
