@@ -29,8 +29,13 @@ setuptools.setup(
         'tifffile>=2023.1,<2028',  # multi-channel TIFF images in folder datasets
     ],
     extras_require={
-        # PyTorch reads .pth weights and is the reference in the weight-import tests; this
-        # exact version is a small CPU build where CI runs (a range would pull a CUDA one).
-        'test': ['pytest>=8,<10', 'torch==2.13.0', 'hypothesis>=6.100,<7'],
+        # PyTorch reads .pth weights; it and mmsegmentation's model code (on mmcv-lite, no
+        # compiled ops; ftfy and regex for its tokenizer import) are the references of the
+        # weight-parity tests (tests/references.py). This exact torch is a small CPU build
+        # where CI runs (a range would pull a CUDA one). torchvision 0.28.0 is installed
+        # with --no-deps (README): its declared torch pin would pull the CUDA build.
+        'test': ['pytest>=8,<10', 'torch==2.13.0', 'hypothesis>=6.100,<7',
+                 'mmcv-lite==2.1.0', 'mmengine>=0.10.4,<0.11', 'mmsegmentation==1.2.2',
+                 'ftfy>=6.1,<7', 'regex>=2023.1'],
     },
 )

@@ -65,6 +65,31 @@ publish; the 224 one is the nearest. The paper evaluates with a sliding window o
 size (stride 512 on ADE20K's 512-short-side images, 512 on Cityscapes' 1024 x 2048), where
 segjax evaluates whole (padded) images. The paper has no Pascal VOC or
 Oxford-IIIT Pet results, so there are no recipes for 'voc' and 'pets'.
+
+Published checkpoints (CHECKPOINTS: mmsegmentation's Segmenter reproduced exactly, so its
+file loads whole with `--config.init_from=FILE`, with its test protocol; evaluate with
+  python launch.py --config experiments/segmenter.py:mmseg_segmenter_vit_b_mask_ade20k \
+      --config.init_from=/weights/segmenter_vit-b_mask_8x1_512x512_160k_ade20k_20220105_151706-bc533b08.pth \
+      --config.dataset.data_dir=/data --mode eval
+and see docs/model_zoo.md for the parity measured against mmseg's code):
+
+  mmseg_segmenter_vit_t_mask_ade20k   segmenter_vit-t_mask_8xb1-160k_ade20k-512x512   39.99
+  mmseg_segmenter_vit_s_mask_ade20k   segmenter_vit-s_mask_8xb1-160k_ade20k-512x512   46.19
+  mmseg_segmenter_vit_b_mask_ade20k   segmenter_vit-b_mask_8xb1-160k_ade20k-512x512   49.60
+  mmseg_segmenter_vit_l_mask_ade20k   segmenter_vit-l_mask_8xb1-160k_ade20k-512x512   52.16
+                                      (crop 640)
+
+(mmseg's config names, published single-scale mIoU on ADE20K val; the files, in CHECKPOINTS,
+are under download.openmmlab.com/mmsegmentation/v0.5/segmenter/<config>/.) The encoder
+follows mmseg's ViT (`encoder_style='mmseg'`: no patch-embedding bias, PyTorch-bicubic
+position-embedding resize, inputs padded to the patch size); protocol: Resize(2048x512,
+keep_ratio; 2560x640 for ViT-L) with cv2's bilinear, sliding 512 windows at stride 480 (640
+/ 608), no padding, logits resized back to the labels, reduce_zero_label. Training as mmseg:
+SGD 0.001 momentum 0.9, no weight decay, poly(0.9) down to 1e-4, batch 8, 160k iterations,
+its ADE20K augmentation (rescale to fit 2048x512 times 0.5-2.0, crops with at most 75% of
+one class, photometric distortion, flip), drop path 0.1, no decoder dropout; mmseg starts
+from its own conversions of the augreg ViTs (pretrain/segmenter/vit_*_p16_384_*.pth, loaded
+with `segjax.weights.mmseg`).
 """
 from segjax import configs
 
@@ -75,7 +100,11 @@ DEFAULTS = dict(
     dataset='shapes', image_size=64, min_scale=0.75, max_scale=1.5, normalization='',
     optimizer='adamw', schedule='cosine', learning_rate=1e-3, weight_decay=0.05,
     end_learning_rate=0.0, warmup_steps=100, batch_size=8, eval_batch_size=50,
-    total_steps=3000,
+    total_steps=3000, encoder_style='timm',
+    # mmseg's augmentation (rescale to fit base_size first, crops with at most cat_max_ratio
+    # of one class, photometric distortion) and evaluation protocol (evaluation.* fields)
+    base_size='', cat_max_ratio=1.0, photometric=False, eval_mode='whole', eval_window=0,
+    eval_stride=0, eval_resize='', eval_scale='', eval_pad=True,  # sizes as 'LONGxSHORT'
 )
 
 _PAPER = ('stem=patch,stem_convs_per_stage=1,'
@@ -101,7 +130,47 @@ RECIPES = {
                                        768),
 }
 
+# mmsegmentation's Segmenter configs (segmenter_vit-{t,s,b,l}_mask_8xb1-160k_ade20k): its
+# ViT conventions, SGD 0.001 poly(0.9) down to 1e-4, batch 8, 160k iterations, ADE20K
+# augmentation; evaluated by 512 windows at stride 480 (640 / 608 for ViT-L) after
+# Resize(2048x512, keep_ratio) (2560x640), no padding, reduce_zero_label.
+_MMSEG = ('stem=patch,stem_convs_per_stage=1,encoder_style=mmseg,decoder=mask,'
+          'decoder_layers=2,depth=0,optimizer=sgd,schedule=poly,learning_rate=0.001,'
+          'end_learning_rate=0.0001,warmup_steps=0,weight_decay=0.0,batch_size=8,'
+          'eval_batch_size=8,drop_path_rate=0.1,dropout=0.0,decoder_dropout=0.0,'
+          'min_scale=0.5,max_scale=2.0,normalization=vit,dataset=ade20k,total_steps=160000,'
+          'cat_max_ratio=0.75,photometric=True,eval_mode=slide,eval_resize=fit,eval_pad=False')
+
+
+def _mmseg_recipe(size, crop):
+  return (f'size={size},patch_size=16,{_MMSEG},image_size={crop},pretrained_image_size={crop},'
+          f'base_size={4 * crop}x{crop},eval_scale={4 * crop}x{crop},eval_window={crop},'
+          f'eval_stride={crop - 32}')
+
+
+# Published checkpoints: recipe name -> (variant, checkpoint file, single-scale mIoU).
+CHECKPOINTS = {
+    'mmseg_segmenter_vit_t_mask_ade20k': (
+        _mmseg_recipe('tiny', 512),
+        'segmenter_vit-t_mask_8x1_512x512_160k_ade20k_20220105_151706-ffcf7509.pth', 39.99),
+    'mmseg_segmenter_vit_s_mask_ade20k': (
+        _mmseg_recipe('small', 512),
+        'segmenter_vit-s_mask_8x1_512x512_160k_ade20k_20220105_151706-511bb103.pth', 46.19),
+    'mmseg_segmenter_vit_b_mask_ade20k': (
+        _mmseg_recipe('base', 512),
+        'segmenter_vit-b_mask_8x1_512x512_160k_ade20k_20220105_151706-bc533b08.pth', 49.60),
+    'mmseg_segmenter_vit_l_mask_ade20k': (
+        _mmseg_recipe('large', 640),
+        'segmenter_vit-l_mask_8x1_512x512_160k_ade20k_20220105_162750-7ef345be.pth', 52.16),
+}
+RECIPES.update({name: arg for name, (arg, _, _) in CHECKPOINTS.items()})
+
 NORMALIZATIONS = {'vit': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}  # timm's augreg ViTs
+
+
+def _pair(text):
+  """'2048x512' -> (2048, 512); '' -> 0 (unset)."""
+  return tuple(int(side) for side in text.split('x')) if text else 0
 
 
 def get_config(arg=None):
@@ -110,8 +179,14 @@ def get_config(arg=None):
   config.model.name = 'segmenter'
   for field in ('size', 'patch_size', 'stem', 'stem_convs_per_stage', 'decoder',
                 'decoder_layers', 'depth', 'drop_path_rate', 'dropout', 'decoder_dropout',
-                'pretrained_image_size'):
+                'pretrained_image_size', 'encoder_style'):
     config.model[field] = variant[field]
+  config.dataset.base_size = _pair(variant.base_size)
+  config.dataset.cat_max_ratio = variant.cat_max_ratio
+  config.dataset.photometric = variant.photometric
+  config.evaluation.update(mode=variant.eval_mode, window=variant.eval_window,
+                           stride=variant.eval_stride, resize=variant.eval_resize,
+                           resize_scale=_pair(variant.eval_scale), pad=variant.eval_pad)
   config.dataset.name = variant.dataset
   config.dataset.image_size = variant.image_size
   config.dataset.min_scale = variant.min_scale

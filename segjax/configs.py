@@ -19,6 +19,7 @@ from segjax import models as models_lib
 from segjax import optim
 from segjax import parallel
 from segjax import semi
+from segjax import weights
 from segjax.data import transforms
 from segjax.models import resnet
 from segjax.errors import ConfigError
@@ -46,7 +47,8 @@ def base_config():
   config.grad_accum_steps = 1  # micro-batches per optimizer step, each batch_size / this
 
   config.model = ml_collections.ConfigDict({'name': ''})
-  # Path of published ImageNet backbone weights (.pth or .safetensors; see segjax/pretrained.py).
+  # Published weights to start from: a whole segmentation checkpoint or a backbone's
+  # (.pth/.pt/.bin or .safetensors; mmseg, torchvision, timm, Hugging Face; segjax/weights).
   config.init_from = ''
 
   config.dataset = ml_collections.ConfigDict()
@@ -140,6 +142,19 @@ def base_config():
   # horizontal flip of each; the softmax probabilities of all views are averaged.
   config.evaluation.scales = (1.0,)
   config.evaluation.flip = False
+  # The test protocol. pad True: images padded at the bottom/right to one size and inferred in
+  # batches of eval_batch_size (dataset.eval_pad_size). pad False: as the benchmarks' own test
+  # pipelines, every image inferred alone at its own size, never padded (the logits of models
+  # with BatchNorm and global pooling change with padding); 'slide' windows shrink to images
+  # smaller than them (mmsegmentation's slide_inference).
+  config.evaluation.pad = True
+  # With pad False, each image is first resized: '' not at all; 'fit' as mmsegmentation's test
+  # Resize(scale=resize_scale, keep_ratio=True), resize_scale a (long side, short side) pair
+  # ((2048, 512) ADE20K, (2048, 1024) Cityscapes), cv2-exact bilinear, labels kept at their
+  # size and the logits resized back to it; 'short_side' as torchvision's reference
+  # evaluation, T.Resize(resize_scale) with an int (520), labels resized nearest.
+  config.evaluation.resize = ''
+  config.evaluation.resize_scale = ml_collections.FieldReference(0, field_type=object)
 
   # Semi-supervised training (segjax/semi.py): the labels of a subset of the train split,
   # the other examples as unlabelled data.
@@ -241,7 +256,8 @@ def _validate_loss(loss, spec):
 
 
 def _validate_evaluation(evaluation, crop_size):
-  """Refuses an unknown inference mode, bad window/stride sizes and non-positive scales."""
+  """Refuses an unknown inference mode, bad window/stride sizes, non-positive scales and test
+  protocols that do not fit together (resize, resize_scale, pad)."""
   modes = ', '.join(evaluate_lib.MODES)
   _require(evaluation.mode in evaluate_lib.MODES,
            f'unknown evaluation.mode {evaluation.mode!r}; valid: {modes}')
@@ -258,6 +274,31 @@ def _validate_evaluation(evaluation, crop_size):
            and all(_is_number(s) and s > 0 for s in scales),
            f'evaluation.scales must be a non-empty tuple of positive numbers, e.g. (0.5, 1.0, '
            f'1.5), got {scales!r}')
+  _validate_protocol(evaluation)
+
+
+def _validate_protocol(evaluation):
+  """Refuses an unknown evaluation.resize, a resize_scale that does not fit it, and a resize
+  with padding (no benchmark pads resized images)."""
+  resize, scale = evaluation.resize, evaluation.resize_scale
+  _require(resize in transforms.RESIZES,
+           f"unknown evaluation.resize {resize!r}; valid: '' (none), 'fit', 'short_side'")
+  if resize == 'fit':
+    _require(isinstance(scale, (tuple, list)) and len(scale) == 2 and _is_size(scale),
+             "evaluation.resize='fit' needs evaluation.resize_scale as a (long side, short "
+             'side) pair of positive ints, e.g. (2048, 512) for ADE20K or (2048, 1024) for '
+             f'Cityscapes, got {scale!r}')
+  elif resize == 'short_side':
+    _require(_is_size(scale) and not isinstance(scale, (tuple, list)),
+             "evaluation.resize='short_side' needs evaluation.resize_scale as one positive "
+             f'int, the short side (torchvision: 520), got {scale!r}')
+  else:
+    _require(scale == 0, f'evaluation.resize_scale is {scale!r} but evaluation.resize is '
+             "'' (no resize); set evaluation.resize='fit' or 'short_side', or leave "
+             'resize_scale at 0')
+  _require(not resize or not evaluation.pad,
+           f'evaluation.resize={resize!r} needs evaluation.pad=False: the test protocols '
+           'that resize infer each image alone at its own size, unpadded')
 
 
 def _validate_semi_supervised(semi_config, config):
@@ -383,9 +424,7 @@ def validate(config):
   if config.init_from:
     _require(os.path.isfile(config.init_from),
              f'init_from file {config.init_from!r} does not exist')
-    _require(getattr(model, 'backbone_module', lambda: None)() is not None,
-             f'model {config.model.name!r} with these fields cannot start from published '
-             'backbone weights; unset init_from')
+    weights.check_loadable(model)
   spec = data_lib.get_spec(config.dataset)  # and the dataset's own fields
   _require(config.optimizer.name in optim.OPTIMIZERS,
            f'unknown optimizer.name {config.optimizer.name!r}; valid: '
@@ -404,6 +443,9 @@ def validate(config):
   _require(config.dataset.eval_pad_size == 0 or _is_size(config.dataset.eval_pad_size),
            'dataset.eval_pad_size must be 0 (the largest image), a positive int or a '
            f'(height, width) pair of them, got {config.dataset.eval_pad_size!r}')
+  _require(config.evaluation.pad or config.dataset.eval_pad_size == 0,
+           f'dataset.eval_pad_size is {config.dataset.eval_pad_size!r} but '
+           'evaluation.pad=False pads nothing; set dataset.eval_pad_size to 0')
   _require(0 < config.dataset.min_scale <= config.dataset.max_scale,
            'need 0 < dataset.min_scale <= dataset.max_scale')
   _validate_augmentation(config.dataset)

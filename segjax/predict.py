@@ -15,7 +15,11 @@ Inputs are normalised as in evaluation and padded at the bottom and right (never
 to `dataset.eval_pad_size` when set and the image fits, else each side to `bucket_side`
 (a multiple of 32 from at most four sizes per octave), so a folder of odd sizes compiles a
 few shapes, not one per size; images of one padded size are predicted in batches and the
-logits cropped back. Palette, 1-bit, CMYK and YCbCr images are read as RGB, and grayscale
+logits cropped back. With `evaluation.pad=False` (a benchmark's test protocol) each image
+is instead resized as `evaluation.resize` says (`transforms.protocol_resize`), inferred at
+that size without padding (images of one size share batches, one compiled shape per
+size), and its logits are resized back to the image's own size (`evaluate.resize_logits`)
+before the argmax. Palette, 1-bit, CMYK and YCbCr images are read as RGB, and grayscale
 ones too when the model takes 3 channels; an image with another channel count than
 `len(dataset.mean)`, a 16-bit or float image, or a file that does not decode is reported as
 `skipped <path>: <reason>` and the others continue.
@@ -37,6 +41,7 @@ from segjax import models as models_lib
 from segjax import semi
 from segjax import train
 from segjax import visualize
+from segjax import weights
 from segjax.data import folder
 from segjax.data import pipeline
 from segjax.data import transforms
@@ -113,8 +118,9 @@ def padded_size(height, width, eval_pad_size):
 
 def restore_variables(config, workdir):
   """(model, variables {'params', 'batch_stats'} on one device, checkpoint step) of the best
-  checkpoint in `workdir`, else its latest. Builds the model and the train state's shapes
-  only (no dataset is read, nothing is initialised); SegjaxError if there is no checkpoint."""
+  checkpoint in `workdir`, else its latest, else (step 0) the whole model of
+  `config.init_from`. Builds the model and the train state's shapes only (no dataset is
+  read, nothing is initialised); SegjaxError if there is neither."""
   spec = data_lib.get_spec(config.dataset)
   model = models_lib.get_model(config.model, spec.num_classes)
   input_shape = transforms.model_input_shape(config.dataset)
@@ -129,9 +135,16 @@ def restore_variables(config, workdir):
     checkpoints = checkpoint_lib.Checkpoints(workdir, config.max_to_keep)
     state, _ = checkpoints.restore_best_or_latest(target)
     checkpoints.close()
+  if state is None and config.init_from:
+    like = {'params': shapes.params, 'batch_stats': shapes.batch_stats}
+    variables, part, message = weights.load(config.init_from, model, like)
+    train.require_whole_model(part, config.init_from)
+    print(f'No checkpoint in {workdir}: {message}', flush=True)
+    return model, jax.device_put(variables, device), 0
   if state is None:
     raise SegjaxError(f'no checkpoint in {workdir}; train first (same --config and --workdir), '
-                      'or pass the --workdir of a trained run')
+                      'pass the --workdir of a trained run, or published weights with '
+                      '--config.init_from=FILE')
   return model, semi.inference_variables(state), int(state.step)
 
 
@@ -154,6 +167,27 @@ def classify(classify_fn, variables, images, size, batch, mean, std):
   predictions = np.asarray(jax.device_get(classify_fn(variables, pixels)))
   return [prediction[:image.shape[0], :image.shape[1]]
           for prediction, image in zip(predictions, images)]
+
+
+def make_protocol_classify(predict):
+  """Jitted (variables, images float32 [B, h, w, C], (height, width)) -> int32 [B, height,
+  width]: the argmax of `predict`'s logits resized to (height, width) where they differ."""
+  return jax.jit(lambda variables, images, size: evaluate_lib.predictions_at(
+      predict(variables, images), *size), static_argnums=2)
+
+
+def classify_protocol(classify_fn, variables, inputs, size, batch, mean, std):
+  """Argmax class maps [height, width] of uint8 `inputs` (each [h, w, C], one shape),
+  normalised and inferred unpadded in a batch of `batch` >= len(inputs) rows (the extra rows
+  zero), the logits resized to `size` = (height, width).
+
+  classify_fn: `make_protocol_classify`'s function.
+  """
+  pixels = np.zeros((batch, *inputs[0].shape[:2], len(mean)), np.float32)
+  for i, image in enumerate(inputs):
+    pixels[i] = transforms.normalize(image, mean, std)
+  predictions = np.asarray(jax.device_get(classify_fn(variables, pixels, size)))
+  return list(predictions[:len(inputs)])
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -201,11 +235,15 @@ def predict_files(config, workdir, images, output):
     raise SegjaxError(f'cannot create --output {output} ({e.strerror}); pass a writable '
                       'directory') from e
   model, variables, step = restore_variables(config, workdir)
-  print(f'Predicting {len(paths)} files with the checkpoint at step {step} in {workdir} ...',
+  source = f'the checkpoint at step {step} in {workdir}' if step else config.init_from
+  print(f'Predicting {len(paths)} files with {source} ...',
         flush=True)
   predict = evaluate_lib.make_predict(model, config.evaluation, num_classes=spec.num_classes,
                                       crop_size=config.dataset.image_size)
-  classify_fn = visualize.make_classify(predict)
+  evaluation = config.evaluation
+  protocol = not evaluation.pad  # a benchmark's protocol: resized, inferred unpadded
+  classify_fn = (make_protocol_classify(predict) if protocol
+                 else visualize.make_classify(predict))
   colours = visualize.class_colours(config.dataset, spec.num_classes)
   mean, std = config.dataset.mean, config.dataset.std
   batch_size = config.eval_batch_size // jax.device_count()  # one device's share
@@ -216,18 +254,24 @@ def predict_files(config, workdir, images, output):
     print(f'skipped {path}: {reason}', flush=True)
     skipped += 1
 
-  def run(size, group):  # group: at most batch_size (path, image) pairs
+  def run(size, group):  # group: at most batch_size (path, image, model input) triples
     nonlocal written
-    predictions = classify(classify_fn, variables, [image for _, image in group], size,
-                           padded_batch(len(group), batch_size), mean, std)
-    for (path, image), prediction in zip(group, predictions):
+    rows = padded_batch(len(group), batch_size)
+    if protocol:  # size: (model input (h, w), image (height, width))
+      predictions = classify_protocol(classify_fn, variables, [x for _, _, x in group],
+                                      size[1], rows, mean, std)
+    else:
+      predictions = classify(classify_fn, variables, [image for _, image, _ in group], size,
+                             rows, mean, std)
+    for (path, image, _), prediction in zip(group, predictions):
       try:
         write_outputs(output, stems[path], image, prediction, colours)
         written += 1
       except OSError as e:
         skip(path, f'cannot write its outputs ({e})')
 
-  pending = collections.defaultdict(list)  # padded (height, width) -> [(path, image)]
+  # padded (height, width), or (model input size, image size) -> [(path, image, input)]
+  pending = collections.defaultdict(list)
   for path in paths:
     if stems[path] in used_stems:
       skip(path, f'its outputs {stems[path]}.png would overwrite those of '
@@ -239,8 +283,13 @@ def predict_files(config, workdir, images, output):
       skip(path, str(e))
       continue
     used_stems[stems[path]] = path
-    size = padded_size(*image.shape[:2], config.dataset.eval_pad_size)
-    pending[size].append((path, image))
+    if protocol:
+      model_input, _ = transforms.protocol_resize(image, None, evaluation.resize,
+                                                  evaluation.resize_scale)
+      size = (model_input.shape[:2], image.shape[:2])
+    else:
+      model_input, size = image, padded_size(*image.shape[:2], config.dataset.eval_pad_size)
+    pending[size].append((path, image, model_input))
     if len(pending[size]) == batch_size:
       run(size, pending.pop(size))
   for size, group in pending.items():

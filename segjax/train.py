@@ -29,10 +29,10 @@ from segjax import metrics as metrics_lib
 from segjax import models as models_lib
 from segjax import optim
 from segjax import parallel
-from segjax import pretrained
 from segjax import report
 from segjax import semi
 from segjax import visualize
+from segjax import weights
 from segjax.data import pipeline
 from segjax.data import transforms
 from segjax.errors import ConfigError, SegjaxError
@@ -136,11 +136,15 @@ def _check_workdir(workdir):
                       'pass a writable --workdir') from e
 
 
-def _with_pretrained_backbone(state, path, model, sharding):
-  """`state` with its backbone parameters and statistics read from the file at `path`."""
+def with_published_weights(state, path, model, sharding):
+  """-> (`state` with the parameters and statistics the file at `path` has for `model`,
+  'model' or 'backbone': what it held; see `segjax.weights.load`). Prints what it loaded."""
   variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
-  loaded = jax.device_put(pretrained.load_backbone(path, model, variables), sharding)
-  return state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'])
+  variables, part, message = weights.load(path, model, variables)
+  if jax.process_index() == 0:
+    print(message, flush=True)
+  loaded = jax.device_put(variables, sharding)
+  return state.replace(params=loaded['params'], batch_stats=loaded['batch_stats']), part
 
 
 def loss_class_weights(config, spec, train_source):
@@ -182,9 +186,10 @@ class Experiment:
     init = functools.partial(create_train_state, model=self.model, config=config,
                              input_shape=transforms.model_input_shape(config.dataset))
     self.initial_state = jax.jit(init, out_shardings=replicated)(init_rng)
+    self.init_part = None  # what config.init_from held: 'model', 'backbone' (or None)
     if config.init_from:
-      self.initial_state = _with_pretrained_backbone(self.initial_state, config.init_from,
-                                                     self.model, replicated)
+      self.initial_state, self.init_part = with_published_weights(
+          self.initial_state, config.init_from, self.model, replicated)
 
     self.labelled_source, self.unlabelled_source = semi.split_sources(
         self.sources['train'], config.semi_supervised)
@@ -425,16 +430,36 @@ def train_and_evaluate(config, workdir):
   return result
 
 
+def require_whole_model(part, path):
+  """Raises SegjaxError unless the init_from file held the whole model (`part` 'model'):
+  evaluating or predicting with a backbone alone would score untrained heads."""
+  if part != 'model':
+    raise SegjaxError(f'init_from {path} holds only backbone weights for this model, and the '
+                      'workdir has no checkpoint: train first (same --config and --workdir), '
+                      'or pass a whole segmentation checkpoint of this recipe')
+
+
 def evaluate_checkpoint(config, workdir):
-  """Evaluates the best checkpoint of `workdir` (else its latest); prints the table and
-  writes the report (see `segjax.report`) to <workdir>/eval_<step>/."""
+  """Evaluates the best checkpoint of `workdir` (else its latest; else, with no checkpoint,
+  the whole model of `config.init_from`); prints the table and writes the report (see
+  `segjax.report`) to <workdir>/eval_<step>/."""
   experiment = Experiment(config, workdir)
   state, which = experiment.checkpoints.restore_best_or_latest(experiment.initial_state)
-  if state is None:
-    raise SegjaxError(f'no checkpoint in {workdir}; train first (same --config and --workdir)')
+  if state is None and config.init_from:
+    require_whole_model(experiment.init_part, config.init_from)
+    state, source = experiment.initial_state, config.init_from
+    what = f'the published weights {source}'
+    print(f'No checkpoint in {workdir}: evaluating {what} with '
+          f'{evaluate_lib.settings(config.evaluation, config.dataset.image_size)}')
+  elif state is None:
+    raise SegjaxError(f'no checkpoint in {workdir}; train first (same --config and --workdir), '
+                      'or evaluate published weights with --config.init_from=FILE')
+  else:
+    source = experiment.checkpoints.path(int(state.step), which)
+    what = f'the checkpoint at step {int(state.step)} in {workdir}'
   step = int(state.step)
   result = experiment.evaluate(state)
-  print(f'Evaluation of the checkpoint at step {step} in {workdir}:\n'
+  print(f'Evaluation of {what}:\n'
         + metrics_lib.format_table(result, experiment.spec.class_names))
-  _write_evaluation(experiment, step, result, experiment.checkpoints.path(step, which))
+  _write_evaluation(experiment, step, result, source)
   return result

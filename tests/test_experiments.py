@@ -103,3 +103,21 @@ def test_building_a_variant_leaves_the_default_unchanged(path):
   for name in getattr(module, 'RECIPES', {}):
     module.get_config(name)
   assert module.get_config().to_dict() == default
+
+
+CHECKPOINTS = [(path, name, entry) for path in EXPERIMENTS
+               for name, entry in getattr(load_module(path), 'CHECKPOINTS', {}).items()]
+
+
+@pytest.mark.parametrize('path,name,entry', CHECKPOINTS,
+                         ids=[f'{os.path.basename(p)[:-3]}:{n}' for p, n, _ in CHECKPOINTS])
+def test_published_checkpoint_is_documented_in_its_file_and_the_model_zoo(path, name, entry):
+  """Each recipe of a published checkpoint: its docstring names it and its mIoU, and
+  docs/model_zoo.md has its row with the same file and mIoU."""
+  module = load_module(path)
+  _, checkpoint_file, miou = entry
+  assert name in module.__doc__ and f'{miou:.2f}'.rstrip('0').rstrip('.') in module.__doc__
+  with open(os.path.join(ROOT, 'docs', 'model_zoo.md'), encoding='utf-8') as f:
+    rows = [line for line in f if f'`experiments/{os.path.basename(path)}:{name}`' in line]
+  assert len(rows) == 1, f'{name}: one row in docs/model_zoo.md'
+  assert checkpoint_file in rows[0] and f'| {miou:.2f}'.rstrip('0').rstrip('.') in rows[0]

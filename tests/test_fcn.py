@@ -17,9 +17,9 @@ import pytest
 from segjax import models
 from segjax.errors import ConfigError
 from segjax.models import fcn
-from segjax.models import resnet
-from segjax.models import vgg
 from segjax.models.layers import resize_to
+from segjax import weights
+from segjax.weights import torchvision as torchvision_weights
 
 NUM_CLASSES = 5
 SIZE = 64
@@ -356,10 +356,10 @@ def test_aux_logits_are_sown_only_when_training(resnet_fcn_with_aux):
   assert 'aux_logits' not in state.get('intermediates', {})
 
 
-def round_trip(module, variables):
-  """`variables` with the backbone sent through `module`'s torch layout and back."""
-  backbone = {c: tree['backbone'] for c, tree in variables.items() if 'backbone' in tree}
-  restored = module.from_torch(module.to_torch(backbone), backbone)
+def round_trip(table, variables):
+  """`variables` with the backbone sent through `table`'s torch layout and back."""
+  backbone = table.subtree(variables)
+  restored = table.from_source(table.to_source(backbone), backbone)
   return {c: {**tree, 'backbone': restored[c]} if c in restored else tree
           for c, tree in variables.items()}
 
@@ -367,23 +367,30 @@ def round_trip(module, variables):
 def test_backbone_round_trip_gives_identical_outputs(vgg_fcn8s, resnet_fcn_with_aux):
   model, variables, images = vgg_fcn8s
   variables = with_random_scores(variables, seed=5)
-  state = vgg.to_torch({c: t['backbone'] for c, t in variables.items()})
+  state = torchvision_weights.vgg().to_source({c: t['backbone'] for c, t in variables.items()})
   assert state['classifier.0.weight'].shape == (256, 32 * 49)
   expected, _ = scored_apply(model)(variables, images)
-  ours, _ = scored_apply(model)(round_trip(vgg, variables), images)
+  ours, _ = scored_apply(model)(round_trip(torchvision_weights.vgg(), variables), images)
   np.testing.assert_array_equal(ours, expected)
 
   model, variables, images = resnet_fcn_with_aux
   apply = jax.jit(functools.partial(model.apply, train=False))
-  np.testing.assert_array_equal(apply(round_trip(resnet, variables), images),
+  np.testing.assert_array_equal(apply(round_trip(torchvision_weights.resnet(), variables), images),
                                 apply(variables, images))
 
 
-def test_backbone_module_needs_the_published_width():
-  assert fcn.Model(num_classes=2, backbone='vgg16_bn').backbone_module() is vgg
-  assert fcn.Model(num_classes=2, backbone='resnet50').backbone_module() is resnet
-  assert fcn.Model(num_classes=2, backbone='resnet50', width=32).backbone_module() is None
-  assert fcn.Model(num_classes=2, backbone='vgg16', width=8).backbone_module() is None
+def weight_tables(**fields):
+  whole, backbone = weights.tables_for(fcn.Model(num_classes=2, **fields))
+  return [t.description for t in whole], [t.description for t in backbone]
+
+
+def test_published_weights_need_the_published_width():
+  assert weight_tables(backbone='vgg16_bn') == ([], ['torchvision VGG16'])
+  assert weight_tables(backbone='resnet50') == ([], ['torchvision ResNet'])
+  assert weight_tables(backbone='resnet50', variant='8s_atrous', aux_head=True) == (
+      ['torchvision fcn_resnet50', 'mmseg FCNHead, ResNet-50'], ['torchvision ResNet'])
+  assert weight_tables(backbone='resnet50', width=32) == ([], [])
+  assert weight_tables(backbone='vgg16', width=8) == ([], [])
 
 
 # ---------------------------------------------------------------------------- field checks

@@ -1,4 +1,4 @@
-"""Backbone weights from torchvision / timm files: numerics, name checks, errors.
+"""Backbone weights from torchvision files (segjax.weights): numerics, name checks, errors.
 
 The reference is an independent ResNet forward pass written with torch.nn.functional on a
 state dict in torchvision's naming (random weights, since nothing may be downloaded): the
@@ -14,7 +14,8 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 from segjax import configs
-from segjax import pretrained
+from segjax import weights
+from segjax.weights import torchvision as torchvision_weights
 from segjax.errors import ConfigError
 from segjax.models import deeplab
 from segjax.models import resnet
@@ -133,7 +134,9 @@ def test_torchvision_file_gives_torchvision_features(depth, tmp_path):
   torch.save(state, path)
   model = small_deeplab(depth)
   variables = init_variables(depth)
-  loaded = pretrained.load_backbone(path, model, jax.device_get(variables))
+  loaded, part, message = weights.load(path, model, jax.device_get(variables))
+  assert part == 'backbone' and 'loaded the backbone only (torchvision ResNet' in message
+  assert message.endswith('not used from the file: fc.* (2)')  # the ImageNet classifier
 
   images = np.random.default_rng(0).normal(size=(2, 64, 96, 3)).astype(np.float32)
   backbone = {c: loaded[c]['backbone'] for c in ('params', 'batch_stats')}
@@ -151,10 +154,8 @@ def test_contract_dilation_matches_torchvision_dilated_resnet50():
   """OS8 with contract_dilation = torchvision's replace_stride_with_dilation=[F, T, T]."""
   state = torchvision_state_dict(50, seed=2)
   like = jax.device_get(init_variables(50))
-  backbone = resnet.from_torch(
-      {k: v.numpy() for k, v in state.items()
-       if not k.startswith('fc.') and not k.endswith('num_batches_tracked')},
-      {c: like[c]['backbone'] for c in ('params', 'batch_stats')})
+  table = torchvision_weights.resnet()
+  backbone = table.from_source({k: v.numpy() for k, v in state.items()}, table.subtree(like))
   images = np.random.default_rng(1).normal(size=(1, 48, 48, 3)).astype(np.float32)
   with torch.no_grad():
     theirs = torchvision_forward(state, torch.from_numpy(images.transpose(0, 3, 1, 2)), 50,
@@ -174,9 +175,9 @@ def test_safetensors_round_trip_gives_identical_outputs(tmp_path):
   source = jax.device_get(init_variables(seed=1))
   path = str(tmp_path / 'backbone.safetensors')
   backbone = {c: source[c]['backbone'] for c in ('params', 'batch_stats')}
-  safetensors_numpy.save_file(resnet.to_torch(backbone), path)
+  safetensors_numpy.save_file(torchvision_weights.resnet().to_source(backbone), path)
   model = small_deeplab()
-  loaded = pretrained.load_backbone(path, model, jax.device_get(init_variables(seed=2)))
+  loaded, _, _ = weights.load(path, model, jax.device_get(init_variables(seed=2)))
   for collection in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal, loaded[collection]['backbone'],
                  source[collection]['backbone'])
@@ -196,9 +197,9 @@ def test_wrong_file_is_refused_with_the_keys(tmp_path):
   path = str(tmp_path / 'resnet50.safetensors')
   safetensors_numpy.save_file(state, path)
   with pytest.raises(ConfigError) as error:
-    pretrained.load_backbone(path, model, variables)
+    weights.load(path, model, variables)
   message = str(error.value)
-  assert 'does not fit the backbone' in message
+  assert "does not fit model 'deeplab' (closest: torchvision ResNet backbone)" in message
   assert 'unexpected keys (' in message and 'layer1.0.conv3.weight' in message
   assert 'mis-shaped keys (' in message
   assert 'layer1.0.conv1.weight (64, 64, 1, 1) (model: (64, 64, 3, 3))' in message
@@ -207,7 +208,7 @@ def test_wrong_file_is_refused_with_the_keys(tmp_path):
   del state['layer4.1.bn2.running_var']
   safetensors_numpy.save_file(state, path)
   with pytest.raises(ConfigError, match=r'missing keys \(1\): layer4.1.bn2.running_var$'):
-    pretrained.load_backbone(path, model, variables)
+    weights.load(path, model, variables)
 
 
 @pytest.mark.parametrize('name,content,message', [
@@ -219,14 +220,14 @@ def test_unreadable_files_are_refused(tmp_path, name, content, message):
   path = tmp_path / name
   path.write_bytes(content)
   with pytest.raises(ConfigError, match=message):
-    pretrained.read_state_dict(str(path))
+    weights.read_state_dict(str(path))
 
 
 def test_wrapped_and_data_parallel_checkpoints_are_unwrapped(tmp_path):
   state = {'module.conv1.weight': torch.ones(2, 3, 1, 1)}
   path = str(tmp_path / 'ckpt.pth')
   torch.save({'state_dict': state, 'epoch': 3}, path)
-  assert list(pretrained.read_state_dict(path)) == ['conv1.weight']
+  assert list(weights.read_state_dict(path)) == ['conv1.weight']
 
 
 def test_config_validation_checks_init_from(tmp_path):
@@ -238,5 +239,29 @@ def test_config_validation_checks_init_from(tmp_path):
   config.init_from = str(tmp_path / 'exists.pth')
   (tmp_path / 'exists.pth').write_bytes(b'')
   config.model = ml_collections.ConfigDict({'name': 'unet'})
-  with pytest.raises(ConfigError, match="model 'unet' .*cannot start from published"):
+  with pytest.raises(ConfigError, match="model 'unet' with these fields cannot start from"):
     configs.validate(config)
+
+
+@pytest.mark.parametrize('channels', [1, 6])
+def test_rgb_weights_adapt_to_other_input_channel_counts(channels, tmp_path):
+  """segmentation_models_pytorch's rule: a gray image g gives the features the RGB weights
+  give on (g, g, g); six channels holding the RGB image twice give its RGB features."""
+  path = str(tmp_path / 'resnet18.pth')
+  torch.save(torchvision_state_dict(18, seed=3), path)
+  model = small_deeplab(18)
+  rgb, _, _ = weights.load(path, model, jax.device_get(init_variables(18)))
+  like = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, 64, 64, channels), np.float32))
+  adapted, part, message = weights.load(path, model, like)
+  assert part == 'backbone'
+  assert f'adapted conv1.weight from 3 to {channels} input channels' in message
+  images = np.random.default_rng(2).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  if channels == 1:
+    images = np.repeat(images[..., :1], 3, axis=-1)
+  inputs = images[..., :1] if channels == 1 else np.concatenate([images, images], axis=-1)
+  backbone = resnet.ResNet(depth=18)
+  apply = jax.jit(functools.partial(backbone.apply, train=False))
+  features = lambda variables, x: apply({c: variables[c]['backbone'] for c in variables}, x)
+  expected, got = features(rgb, images)['stage4'], features(adapted, inputs)['stage4']
+  np.testing.assert_allclose(got, expected, atol=1e-4 * float(np.abs(expected).max()))

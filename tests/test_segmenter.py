@@ -19,6 +19,10 @@ from segjax import models
 from segjax.errors import ConfigError
 from segjax.models import segmenter
 from segjax.models import vit
+from segjax import weights
+from segjax.weights import timm as timm_weights
+
+TIMM = timm_weights.vit_table()
 
 SMALL = dict(size='tiny', patch_size=8, depth=1, pretrained_image_size=32)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,25 +163,29 @@ def test_drop_path_and_dropout_act_only_in_training(built):
 
 def test_backbone_weights_round_trip_and_load_into_another_grid(built):
   model, variables, apply = built
-  assert model.backbone_module() is None  # 1 block: no published checkpoint fits
+  assert backbone_tables(model) == []  # 1 block: no published checkpoint fits
   backbone = {'params': variables['params']['backbone']}
-  state = vit.to_torch(backbone)
-  params = dict(variables['params'], backbone=vit.from_torch(state, like=backbone)['params'])
+  state = TIMM.to_source(backbone)
+  params = dict(variables['params'], backbone=TIMM.from_source(state, backbone)['params'])
   images = jax.random.normal(jax.random.key(6), (1, 32, 32, 3))
   assert np.array_equal(apply({'params': params}, images), apply(variables, images))
   # A checkpoint stored at the 224 grid (14 x 14) into a model stored at 32 (4 x 4).
   state['pos_embed'] = np.random.default_rng(0).normal(size=(1, 197, 192)).astype(np.float32)
-  loaded = vit.from_torch(state, like=backbone)['params']
+  loaded = TIMM.from_source(state, backbone)['params']
   assert loaded['pos_embed'].shape == (1, 17, 192)
   np.testing.assert_array_equal(loaded['pos_embed'][0, 0], state['pos_embed'][0, 0])
   params = dict(variables['params'], backbone=loaded)
   assert bool(jnp.all(jnp.isfinite(apply({'params': params}, images))))
 
 
-def test_backbone_module_is_none_when_the_depth_departs_from_the_size():
-  assert segmenter.Model(num_classes=2, size='base').backbone_module() is vit
-  assert segmenter.Model(num_classes=2, size='base', depth=12).backbone_module() is vit
-  assert segmenter.Model(num_classes=2, size='base', depth=6).backbone_module() is None
+def backbone_tables(model):
+  return [table.description for table in weights.tables_for(model)[1]]
+
+
+def test_no_weights_fit_when_the_depth_departs_from_the_size():
+  assert backbone_tables(segmenter.Model(num_classes=2, size='base')) == ['timm ViT']
+  assert backbone_tables(segmenter.Model(num_classes=2, size='base', depth=12)) == ['timm ViT']
+  assert backbone_tables(segmenter.Model(num_classes=2, size='base', depth=6)) == []
 
 
 def test_stem_field_reaches_the_encoder():
@@ -195,12 +203,12 @@ def test_stem_field_reaches_the_encoder():
 def test_conv_stem_has_no_published_weights_so_init_from_is_refused(tmp_path):
   # timm's blocks were trained on patch-embedding tokens: a random conv stem feeding them
   # would not be a pretrained encoder, so the whole backbone is refused, not mapped in part.
-  assert segmenter.Model(num_classes=2, size='base', stem='conv').backbone_module() is None
+  assert backbone_tables(segmenter.Model(num_classes=2, size='base', stem='conv')) == []
   config = load_experiment().get_config()  # the default: a conv stem
   config.init_from = str(tmp_path / 'vit_tiny_patch8.safetensors')
   open(config.init_from, 'wb').close()
   with pytest.raises(ConfigError, match="model 'segmenter' with these fields cannot start "
-                                        'from published backbone weights'):
+                                        'from published weights'):
     configs.validate(config)
   config.model.stem, config.model.stem_convs_per_stage = 'patch', 1
   config.model.depth = 0  # the published ViT-Ti/8: accepted
@@ -268,7 +276,7 @@ PAPER = {
 @pytest.mark.parametrize('name', sorted(PAPER))
 def test_recipes_reproduce_the_papers_training_settings(name):
   experiment = load_experiment()
-  assert set(experiment.RECIPES) == set(PAPER)
+  assert set(experiment.RECIPES) == set(PAPER) | set(experiment.CHECKPOINTS)
   config = experiment.get_config(name)
   size, patch, decoder, crop, learning_rate, steps = PAPER[name]
   assert config.dataset.name == name.rsplit('_', 1)[1]
@@ -290,7 +298,7 @@ def test_recipes_reproduce_the_papers_training_settings(name):
   assert tuple(config.dataset.mean) == tuple(config.dataset.std) == (0.5, 0.5, 0.5)
   # The model fields are valid (the datasets are registered elsewhere).
   model = models.get_model(config.model, num_classes=150)
-  assert model.backbone_module() is vit
+  assert backbone_tables(model) == ['timm ViT']
   experiment.get_config(experiment.RECIPES[name])  # the arg string itself parses
 
 

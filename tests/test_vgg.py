@@ -14,6 +14,9 @@ import pytest
 
 from segjax.models import vgg
 from segjax.models.vgg import VGG16
+from segjax.weights import torchvision as torchvision_weights
+
+VGG = torchvision_weights.vgg()
 
 # torchvision's vgg16 / vgg16_bn `features` indices of the convolutions (print(vgg16())).
 TORCHVISION_CONVS = {
@@ -136,9 +139,9 @@ def test_torchvision_weights_give_torchvision_features_and_classifier(batch_norm
   model = VGG16(batch_norm=batch_norm, width=width, include_fc=True)
   like, _ = abstract_init(model, size=32)
   usable = {k: v.numpy() for k, v in state.items()
-            if not k.startswith(vgg.UNUSED_KEYS) and not k.endswith('num_batches_tracked')}
-  assert set(usable) == set(vgg.to_torch(jax.tree.map(np.zeros_like, like)))
-  variables = vgg.from_torch(usable, like)
+            if not k.startswith(VGG.unused) and not k.endswith('num_batches_tracked')}
+  assert set(usable) == set(VGG.to_source(jax.tree.map(np.zeros_like, like)))
+  variables = VGG.from_source(usable, like)
 
   # At 224x224 pool5 is 7x7: fc6's centre cell sees all of it, exactly as the Linear does.
   images = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
@@ -158,13 +161,13 @@ def test_round_trip_through_torch_layout_is_exact():
   like, _ = abstract_init(VGG16(batch_norm=True, width=2, include_fc=True), size=32)
   rng = np.random.default_rng(0)
   variables = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), like)
-  state = vgg.to_torch(variables)
+  state = VGG.to_source(variables)
   assert state['classifier.0.weight'].shape == (128, 16 * 7 * 7)
   assert state['features.0.weight'].shape == (2, 3, 3, 3)
   np.testing.assert_array_equal(state['features.0.weight'][1, 2, 0],
                                 variables['params']['features_0']['kernel'][0, :, 2, 1])
   assert state['features.1.running_var'].shape == (2,)
-  restored = vgg.from_torch(state, like)
+  restored = VGG.from_source(state, like)
   same = jax.tree.map(lambda a, b: a.shape == b.shape and bool(np.array_equal(a, b)),
                       restored, variables)
   assert all(jax.tree.leaves(same))

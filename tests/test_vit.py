@@ -13,8 +13,12 @@ from PIL import Image
 import pytest
 from scipy import special
 
+from segjax import weights
 from segjax.models import vit
 from segjax.models.vit import ViT
+from segjax.weights import timm as timm_weights
+
+TIMM = timm_weights.vit_table()
 
 TINY = dict(size='tiny', patch_size=8, pretrained_image_size=32, depth=2)
 
@@ -74,7 +78,7 @@ def tiny():
 
 def test_timm_names_and_layouts(tiny):
   _, variables, _, _ = tiny
-  state = vit.to_torch(variables)
+  state = TIMM.to_source(variables)
   block = {'norm1.weight': (192,), 'norm1.bias': (192,), 'attn.qkv.weight': (576, 192),
            'attn.qkv.bias': (576,), 'attn.proj.weight': (192, 192), 'attn.proj.bias': (192,),
            'norm2.weight': (192,), 'norm2.bias': (192,), 'mlp.fc1.weight': (768, 192),
@@ -86,7 +90,7 @@ def test_timm_names_and_layouts(tiny):
     expected.update({f'blocks.{i}.{k}': shape for k, shape in block.items()})
   assert {k: v.shape for k, v in state.items()} == expected
   assert all(v.dtype == np.float32 for v in state.values())
-  assert vit.UNUSED_KEYS == ('head.', 'pre_logits.') and vit.RESIZABLE_KEYS == ('pos_embed',)
+  assert TIMM.unused == ('head.', 'pre_logits.') and TIMM.resizable == ('pos_embed',)
 
 
 def _layer_norm(x, weight, bias, eps=1e-6):
@@ -130,13 +134,13 @@ def test_forward_equals_a_numpy_implementation_of_timm(tiny):
   _, variables, images, apply = tiny
   tokens = apply(variables, images)
   assert tokens.shape == (2, 4, 4, 192) and tokens.dtype == jnp.float32
-  expected = timm_forward(vit.to_torch(variables), images, patch=8, heads=3, depth=2)
+  expected = timm_forward(TIMM.to_source(variables), images, patch=8, heads=3, depth=2)
   np.testing.assert_allclose(tokens, expected, atol=2e-4, rtol=1e-4)
 
 
 def test_to_torch_from_torch_round_trip_is_exact(tiny):
   _, variables, images, apply = tiny
-  restored = vit.from_torch(vit.to_torch(variables), like=variables)
+  restored = TIMM.from_source(TIMM.to_source(variables), variables)
   assert jax.tree.structure(restored) == jax.tree.structure(variables)
   same = jax.tree.map(lambda a, b: np.array_equal(a, b), restored, variables)
   assert all(jax.tree.leaves(same))
@@ -169,23 +173,24 @@ def test_other_input_grid_equals_a_model_stored_at_that_grid_loaded_by_from_torc
   images = jax.random.normal(jax.random.key(3), (1, 48, 48, 3))
   big = ViT(**{**TINY, 'pretrained_image_size': 48})
   like = abstract_params(big, size=48)
-  loaded = vit.from_torch(vit.to_torch(variables), like=like)
+  loaded = TIMM.from_source(TIMM.to_source(variables), like)
   assert loaded['params']['pos_embed'].shape == (1, 37, 192)
   np.testing.assert_allclose(big.apply(loaded, images, train=False), apply(variables, images),
                              atol=1e-5)
   # A 224-grid (14 x 14) checkpoint goes into a model stored at another grid.
-  state = vit.to_torch(variables)
+  state = TIMM.to_source(variables)
   state['pos_embed'] = np.zeros((1, 1 + 14 * 14, 192), np.float32)
-  loaded = vit.from_torch(state, like=abstract_params(model))
+  loaded = TIMM.from_source(state, abstract_params(model))
   assert loaded['params']['pos_embed'].shape == (1, 17, 192)
 
 
-def test_from_torch_refuses_shapes_it_cannot_adapt(tiny):
+def test_shapes_other_than_pos_embed_are_not_adapted(tiny):
   _, variables, _, _ = tiny
-  state = vit.to_torch(variables)
+  state = TIMM.to_source(variables)
   state['blocks.0.mlp.fc1.weight'] = np.zeros((10, 192), np.float32)
-  with pytest.raises(ValueError, match=r'blocks.0.mlp.fc1.weight: checkpoint shape'):
-    vit.from_torch(state, like=variables)
+  state['pos_embed'] = np.zeros((1, 1 + 14 * 14, 192), np.float32)
+  fit = weights.fit(TIMM, state, {c: {'backbone': tree} for c, tree in variables.items()})
+  assert fit.misshaped == ['blocks.0.mlp.fc1.weight (10, 192) (model: (768, 192))']
 
 
 def test_drop_path_only_in_training_and_rates_grow_linearly(tiny):

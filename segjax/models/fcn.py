@@ -177,7 +177,8 @@ class Model(nn.Module):
   `dropout`: None for the published rate, 0.5 after fc6 and fc7 (VGG) or 0.1 in the FCN
   head (ResNet); `skip_scales`: factors on the stride-16 and stride-8 features before their
   score layers; `head_convs`, `head_concat_input`: the ResNet FCN head's form;
-  `contract_dilation`: '8s_atrous' dilates as torchvision does (see `resnet.ResNet`); `dtype`:
+  `contract_dilation`: '8s_atrous' dilates as torchvision does (see `resnet.ResNet`);
+  `backbone_stem`: 'torchvision' or 'deep' (mmsegmentation's ResNetV1c); `dtype`:
   compute dtype (parameters and logits stay float32).
   """
   num_classes: int
@@ -191,6 +192,7 @@ class Model(nn.Module):
   head_convs: int = 1
   head_concat_input: bool = False
   contract_dilation: bool = True
+  backbone_stem: str = 'torchvision'
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -219,10 +221,14 @@ class Model(nn.Module):
     if len(self.skip_scales) != 2 or any(s <= 0 for s in self.skip_scales):
       raise ValueError(f'skip_scales must be two positive factors (stride-16, stride-8 '
                        f'features), got {self.skip_scales!r}')
+    if is_vgg and self.backbone_stem != 'torchvision':
+      raise ValueError(f'backbone_stem {self.backbone_stem!r} is a ResNet stem; a VGG '
+                       "backbone needs backbone_stem='torchvision'")
     if is_vgg:
       vgg.check_config(self.width)
     else:
-      resnet.check_config(self.depth, self.output_stride, width=self.width)
+      resnet.check_config(self.depth, self.output_stride, width=self.width,
+                          stem=self.backbone_stem)
 
   @property
   def depth(self):
@@ -233,12 +239,6 @@ class Model(nn.Module):
   def output_stride(self):
     """Stride of the coarsest scores: 8 for '8s_atrous', else 32."""
     return 8 if self.variant == '8s_atrous' else 32
-
-  def backbone_module(self):
-    """`vgg` or `resnet` (weight conversion of the backbone), None at another width."""
-    if self.width != PUBLISHED_WIDTH:
-      return None
-    return vgg if family(self.backbone) == 'vgg' else resnet
 
   def _dropout(self):
     return DEFAULT_DROPOUT[family(self.backbone)] if self.dropout is None else self.dropout
@@ -254,7 +254,8 @@ class Model(nn.Module):
     else:
       features = resnet.ResNet(depth=self.depth, output_stride=self.output_stride,
                                width=self.width, contract_dilation=self.contract_dilation,
-                               dtype=self.dtype, name='backbone')(images, train=train)
+                               stem=self.backbone_stem, dtype=self.dtype,
+                               name='backbone')(images, train=train)
       features['head'] = FCNHead(self.num_classes, convs=self.head_convs,
                                  concat_input=self.head_concat_input,
                                  dropout=self._dropout(), dtype=self.dtype,

@@ -6,21 +6,22 @@ blocks (1x1, 3x3, 1x1 with 4x expansion) in the "v1.5" form, where the stride si
 then four stages of widths 64, 128, 256, 512 (x4 for bottleneck), the first block of
 stages 2-4 halving the resolution, and a 1x1 convolution + BatchNorm projecting the shortcut
 where the shape changes. Convolutions have no bias and use PyTorch's explicit padding, so
-torchvision weights give the same outputs once converted:
-
-  torchvision key             flax path (variables['params'] / ['batch_stats'])
-  conv1.weight                conv1/kernel                (O, I, kh, kw) -> (kh, kw, I, O)
-  bn1.{weight,bias}           bn1/{scale,bias}
-  bn1.running_{mean,var}      bn1/{mean,var}              (in 'batch_stats')
-  layer2.0.conv1.weight       layer2_0/conv1/kernel
-  layer2.0.downsample.0/.1    layer2_0/downsample_conv, layer2_0/downsample_bn
+torchvision's and mmsegmentation's weights give the same outputs once converted
+(`segjax.weights.torchvision`, `segjax.weights.mmseg`).
 
 With `output_stride` 16 or 8 the strides of the last stage(s) become 1 and their 3x3
 convolutions are dilated instead (DeepLab): OS16 dilates stage 4 by 2; OS8 dilates stage 3
 by 2 and stage 4 by 4. By default every block of a dilated stage uses the stage's rate (the
 DeepLab papers' convention); `contract_dilation=True` gives the first block of a dilated
 stage half the rate (the previous stage's), as torchvision's `replace_stride_with_dilation`
-and mmsegmentation's `contract_dilation=True` do, so their weights give the same outputs.
+and mmsegmentation's `contract_dilation=True` do for bottleneck blocks (ResNet-50/101), so
+their weights give the same outputs. For basic blocks (ResNet-18/34) neither matches:
+torchvision refuses to dilate them, and mmsegmentation's BasicBlock dilates its first 3x3
+convolution only, where this one dilates both.
+
+`stem='deep'` is the ResNetV1c stem of mmsegmentation (Bag of Tricks, He et al. 2019):
+three 3x3 conv-BN-ReLU layers of width/2, width/2 and width channels, the first with stride
+2, in place of the 7x7 convolution; the max pooling and stages follow unchanged.
 `multi_grid` multiplies the rate of the last stage's blocks, cycled: (1, 2, 4) at OS16
 gives rates 2, 4, 8 (a multi-grid stage is never contracted).
 """
@@ -30,7 +31,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.models import torch_layout
 from segjax.models.layers import Conv, batch_norm, max_pool
 
 DEPTHS = {  # depth -> (block kind, blocks per stage)
@@ -40,14 +40,17 @@ DEPTHS = {  # depth -> (block kind, blocks per stage)
     101: ('bottleneck', (3, 4, 23, 3)),
 }
 OUTPUT_STRIDES = (8, 16, 32)
+STEMS = ('torchvision', 'deep')
 EXPANSION = {'basic': 1, 'bottleneck': 4}
 
 # torchvision's initialisation: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def check_config(depth, output_stride, multi_grid=(1,), width=64):
+def check_config(depth, output_stride, multi_grid=(1,), width=64, stem='torchvision'):
   """Raises ValueError naming the valid values if a ResNet field is out of range."""
+  if stem not in STEMS:
+    raise ValueError(f'ResNet stem must be one of {STEMS}, got {stem!r}')
   if int(width) != width or width < 1:
     raise ValueError(f'ResNet width must be a positive int (64 as published), got {width!r}')
   if depth not in DEPTHS:
@@ -171,7 +174,8 @@ class ResNet(nn.Module):
   Fields: `depth` in (18, 34, 50, 101); `output_stride` in (8, 16, 32); `multi_grid`:
   multipliers of the last stage's dilation rate, cycled over its blocks;
   `contract_dilation`: the first block of a dilated stage takes the previous rate
-  (torchvision, mmsegmentation); `frozen_bn`: use the running averages even when training
+  (torchvision, mmsegmentation); `stem`: 'torchvision' (7x7 conv) or 'deep' (ResNetV1c's
+  three 3x3 convs, `stem_conv{i}` / `stem_bn{i}`); `frozen_bn`: use the running averages even when training
   (and leave them unchanged); `dtype`: compute dtype (parameters stay float32).
   """
   depth: int = 50
@@ -179,11 +183,12 @@ class ResNet(nn.Module):
   width: int = 64
   multi_grid: tuple = (1, 1, 1)
   contract_dilation: bool = False
+  stem: str = 'torchvision'
   frozen_bn: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    check_config(self.depth, self.output_stride, tuple(self.multi_grid), self.width)
+    check_config(self.depth, self.output_stride, tuple(self.multi_grid), self.width, self.stem)
     super().__post_init__()
 
   @nn.compact
@@ -197,8 +202,15 @@ class ResNet(nn.Module):
     kind, blocks_per_stage = DEPTHS[self.depth]
     block = BLOCKS[kind]
     use_running_average = not train or self.frozen_bn
-    x = _conv(self.width, 7, 'conv1', strides=2, dtype=self.dtype)(images.astype(self.dtype))
-    x = nn.relu(batch_norm(use_running_average, self.dtype, 'bn1')(x))
+    x = images.astype(self.dtype)
+    if self.stem == 'torchvision':
+      x = _conv(self.width, 7, 'conv1', strides=2, dtype=self.dtype)(x)
+      x = nn.relu(batch_norm(use_running_average, self.dtype, 'bn1')(x))
+    else:
+      for i, (channels, stride) in enumerate(((self.width // 2, 2), (self.width // 2, 1),
+                                              (self.width, 1))):
+        x = _conv(channels, 3, f'stem_conv{i}', strides=stride, dtype=self.dtype)(x)
+        x = nn.relu(batch_norm(use_running_average, self.dtype, f'stem_bn{i}')(x))
     x = max_pool(x, 3, 2, padding=1)
     features = {'stem': x}
     stages = stage_strides_and_rates(self.output_stride)
@@ -212,25 +224,3 @@ class ResNet(nn.Module):
                   name=f'layer{stage + 1}_{i}')(x)
       features[f'stage{stage + 1}'] = x
     return features
-
-
-# ---------------------------------------------------------------------------- torchvision weights
-
-UNUSED_KEYS = ('fc.',)  # the ImageNet classifier
-RESIZABLE_KEYS = ()
-
-
-def _torch_module_name(path):
-  """('layer2_0', 'downsample_conv') -> 'layer2.0.downsample.0' (torchvision's naming)."""
-  names = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
-  return '.'.join(names.get(p, p.replace('_', '.')) for p in path)
-
-
-def to_torch(variables):
-  """Backbone variables -> torchvision `resnet*` state dict (without `fc`) as numpy arrays."""
-  return torch_layout.to_torch(variables, _torch_module_name)
-
-
-def from_torch(state, like):
-  """torchvision `resnet*` state dict -> backbone variables shaped like `like`."""
-  return torch_layout.from_torch(state, like, _torch_module_name)

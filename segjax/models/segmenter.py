@@ -93,7 +93,9 @@ class Model(nn.Module):
   embeddings are stored for (224 or 384 for timm's checkpoints; other input sizes
   resample them); `stem`, `stem_convs_per_stage`: the encoder's token embedding, timm's
   'patch' embedding (the paper's) or the 'conv' stem of Xiao et al. (2021; see `vit`),
-  which has no published weights; `dtype`: compute dtype (parameters stay float32).
+  which has no published weights; `encoder_style`: 'timm' (the official code's encoder) or
+  'mmseg' (mmsegmentation's: no patch-embedding bias, its position-embedding resize and
+  input padding; see `vit`); `dtype`: compute dtype (parameters stay float32).
   """
   num_classes: int
   size: str = 'tiny'
@@ -107,6 +109,7 @@ class Model(nn.Module):
   pretrained_image_size: int = 224
   stem: str = 'patch'
   stem_convs_per_stage: int = 1
+  encoder_style: str = 'timm'
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -114,6 +117,9 @@ class Model(nn.Module):
                      self.stem, self.stem_convs_per_stage)
     if self.decoder not in DECODERS:
       raise ValueError(f'unknown Segmenter decoder {self.decoder!r}; use one of {DECODERS}')
+    if self.encoder_style not in vit.STYLES:
+      raise ValueError(f'encoder_style must be one of {vit.STYLES}, got '
+                       f'{self.encoder_style!r}')
     if self.decoder == 'mask' and (int(self.decoder_layers) != self.decoder_layers
                                    or self.decoder_layers < 1):
       raise ValueError(f'decoder_layers must be a positive int (the paper: 2), got '
@@ -123,19 +129,12 @@ class Model(nn.Module):
         raise ValueError(f'{field} must be in [0, 1), got {getattr(self, field)!r}')
     super().__post_init__()
 
-  def backbone_module(self):
-    """`segjax.models.vit` (timm weights), or None when `depth` departs from the size's or
-    the stem is 'conv' (no published weights; its tokens differ from the patch embedding's,
-    so timm's blocks alone would not be a pretrained encoder)."""
-    published = self.depth in (0, vit.SIZES[self.size][1]) and self.stem == 'patch'
-    return vit if published else None
-
   @nn.compact
   def __call__(self, images, *, train):
     """images [B, H, W, C] -> logits [B, H, W, num_classes] (float32)."""
     tokens = vit.ViT(self.size, self.patch_size, self.pretrained_image_size, self.depth,
                      self.drop_path_rate, self.dropout, self.stem, self.stem_convs_per_stage,
-                     self.dtype, name='backbone')(images, train=train)
+                     self.encoder_style, self.dtype, name='backbone')(images, train=train)
     if self.decoder == 'linear':
       scores = nn.Dense(self.num_classes, kernel_init=vit.dense_init, dtype=self.dtype,
                         name='head')(tokens)

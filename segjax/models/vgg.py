@@ -32,10 +32,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from segjax.models import layers
-from segjax.models import torch_layout
 
 # Configuration "D" of the paper: convolutions per block; block b has width * 2**min(b, 3).
 BLOCK_DEPTHS = (2, 2, 3, 3, 3)
@@ -124,38 +122,3 @@ class VGG16(nn.Module):
         x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
       features['fc7'] = x
     return features
-
-
-# ---------------------------------------------------------------------------- torchvision weights
-
-UNUSED_KEYS = ('classifier.6.',)  # fc8, the 1000-way ImageNet classifier
-RESIZABLE_KEYS = ()
-_FC_KEYS = ('classifier.0.weight', 'classifier.3.weight')  # Linear in torchvision
-
-
-def _torch_module_name(path):
-  """('features_10',) -> 'features.10'."""
-  return '.'.join(p.replace('_', '.') for p in path)
-
-
-def to_torch(variables):
-  """Backbone variables -> torchvision `vgg16` / `vgg16_bn` state dict (without fc8).
-
-  The fc6/fc7 convolution kernels become Linear weights: (O, I, kh, kw) -> (O, I*kh*kw),
-  which flattens each output's inputs in torchvision's (C, H, W) order.
-  """
-  state = torch_layout.to_torch(variables, _torch_module_name)
-  for key in _FC_KEYS:
-    if key in state:
-      state[key] = state[key].reshape(state[key].shape[0], -1)
-  return state
-
-
-def from_torch(state, like):
-  """torchvision `vgg16` / `vgg16_bn` state dict -> backbone variables shaped like `like`."""
-  state = dict(state)
-  for key, path in zip(_FC_KEYS, ('classifier_0', 'classifier_3')):
-    if key in state:
-      kh, kw, channels, outputs = like['params'][path]['kernel'].shape
-      state[key] = np.asarray(state[key]).reshape(outputs, channels, kh, kw)
-  return torch_layout.from_torch(state, like, _torch_module_name)

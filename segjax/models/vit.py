@@ -39,43 +39,29 @@ the grid part is resized bicubically with antialiasing (Keys' a = -0.5, weights
 renormalised at the borders; what PyTorch's `interpolate(mode='bicubic', antialias=True)`
 and PIL compute).
 
+`style='mmseg'` follows mmsegmentation's `VisionTransformer` where it differs from timm's:
+the patch embedding has no bias; other grids resize the position embeddings with PyTorch's
+plain `interpolate(mode='bicubic', align_corners=False)` (a = -0.75, edge pixels repeated,
+no antialiasing); an input whose sides are not multiples of the patch size is padded with
+zeros at the bottom and right to the next multiple (its PatchEmbed padding='corner'; zeros
+are the mean colour after normalisation), where 'timm' refuses it.
+
 Published weights: timm's safetensors files on the Hugging Face hub, downloaded by the user,
 e.g. `timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k` -> model.safetensors (also small,
 base, large; `vit_base_patch8_224.augreg_in21k_ft_in1k`; the `_384` variants with
-`pretrained_image_size=384`). They expect images normalised with mean = std = (0.5, 0.5,
-0.5). `to_torch` / `from_torch` convert between these state dicts and flax variables:
-
-  timm key                          flax path (variables['params'])   layout change
-  cls_token                         cls_token                         [1, 1, D]
-  pos_embed                         pos_embed                         [1, 1 + N, D]
-  patch_embed.proj.weight           patch_embed/proj/kernel           (D, C, p, p) -> (p, p, C, D)
-  patch_embed.proj.bias             patch_embed/proj/bias
-  blocks.{i}.norm1.{weight,bias}    blocks_{i}/norm1/{scale,bias}
-  blocks.{i}.attn.qkv.weight        blocks_{i}/attn/qkv/kernel        (3D, D) -> (D, 3D)
-  blocks.{i}.attn.qkv.bias          blocks_{i}/attn/qkv/bias          [3D]
-  blocks.{i}.attn.proj.*            blocks_{i}/attn/proj/*            (D, D) -> transposed
-  blocks.{i}.norm2.{weight,bias}    blocks_{i}/norm2/{scale,bias}
-  blocks.{i}.mlp.fc1.*              blocks_{i}/mlp/fc1/*              (4D, D) -> (D, 4D)
-  blocks.{i}.mlp.fc2.*              blocks_{i}/mlp/fc2/*              (D, 4D) -> (4D, D)
-  norm.{weight,bias}                norm/{scale,bias}
-
-The conv stem has no published weights (timm has no such ViT); `segmenter.Model`'s
-`backbone_module` refuses `init_from` for it.
-The classifier `head.*` (and the `pre_logits.*` representation layer of old in21k files) is
-not used. `from_torch` resamples `pos_embed` when the checkpoint's grid differs from the
-model's (a 224 checkpoint into a model with `pretrained_image_size=512`).
+`pretrained_image_size=384`), loaded by `segjax.weights.timm` (which resamples a
+checkpoint's position embeddings to `pretrained_image_size`). They expect images
+normalised with mean = std = (0.5, 0.5, 0.5). The conv stem has no published weights.
 """
 import functools
 import math
 from typing import Any
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.models import torch_layout
 from segjax.models.layers import Conv, ConvBNReLU
 
 SIZES = {  # size -> (width D, depth, heads)
@@ -86,11 +72,9 @@ SIZES = {  # size -> (width D, depth, heads)
 }
 PATCH_SIZES = (8, 16)
 STEMS = ('patch', 'conv')
+STYLES = ('timm', 'mmseg')
 MLP_RATIO = 4
 EPSILON = 1e-6  # timm's LayerNorm epsilon for ViT
-
-UNUSED_KEYS = ('head.', 'pre_logits.')
-RESIZABLE_KEYS = ('pos_embed',)
 
 dense_init = nn.initializers.truncated_normal(0.02)  # std 0.02, as timm initialises Linear
 
@@ -125,12 +109,34 @@ def drop_path_rates(rate, depth):
   return tuple(float(r) for r in np.linspace(0.0, rate, depth))
 
 
-def resample_pos_embed(pos_embed, grid):
+def _torch_cubic(x, a=-0.75):
+  """Keys' cubic convolution kernel at distances x (PyTorch's bicubic uses a = -0.75)."""
+  x = np.abs(x)
+  return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                  np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+def torch_bicubic_matrix(out_size, in_size):
+  """[out_size, in_size] float32 weights of `F.interpolate(mode='bicubic',
+  align_corners=False)` along one axis: output d reads the 4 inputs around
+  (d + 0.5) * in / out - 0.5, indices clamped to the edges."""
+  source = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+  first = np.floor(source).astype(int) - 1
+  matrix = np.zeros((out_size, in_size))
+  for tap in range(4):
+    index = first + tap
+    np.add.at(matrix, (np.arange(out_size), np.clip(index, 0, in_size - 1)),
+              _torch_cubic(source - index))
+  return matrix.astype(np.float32)
+
+
+def resample_pos_embed(pos_embed, grid, method='timm'):
   """Position embeddings [1, 1 + n*n, D] for an n x n grid -> [1, 1 + h*w, D], grid = (h, w).
 
-  The class token's embedding (first) is kept; the grid part is resized bicubically with
-  antialiasing, as timm's `resample_abs_pos_embed`. Returns `pos_embed` itself when the
-  grid is unchanged.
+  The class token's embedding (first) is kept; the grid part is resized bicubically:
+  `method` 'timm' with antialiasing (timm's `resample_abs_pos_embed`), 'torch' as PyTorch's
+  plain bicubic interpolate (mmsegmentation's `resize_pos_embed`). Returns `pos_embed`
+  itself when the grid is unchanged.
   """
   num_grid = pos_embed.shape[1] - 1
   side = math.isqrt(num_grid)
@@ -140,8 +146,13 @@ def resample_pos_embed(pos_embed, grid):
     return pos_embed
   dim = pos_embed.shape[-1]
   cls_embed, grid_embed = pos_embed[:, :1], pos_embed[:, 1:]
-  grid_embed = jax.image.resize(grid_embed.reshape(side, side, dim).astype(jnp.float32),
-                                (*grid, dim), method='bicubic', antialias=True)
+  grid_embed = grid_embed.reshape(side, side, dim).astype(jnp.float32)
+  if method == 'timm':
+    grid_embed = jax.image.resize(grid_embed, (*grid, dim), method='bicubic', antialias=True)
+  else:
+    rows, cols = (torch_bicubic_matrix(n, side) for n in grid)
+    grid_embed = jnp.einsum('hi,wj,ijd->hwd', rows, cols, grid_embed,
+                            precision=jax.lax.Precision.HIGHEST)
   grid_embed = grid_embed.reshape(1, grid[0] * grid[1], dim).astype(pos_embed.dtype)
   return jnp.concatenate([cls_embed, grid_embed], axis=1)
 
@@ -227,16 +238,19 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  """Non-overlapping patches to tokens. [B, H, W, C] -> [B, H/p, W/p, features]."""
+  """Non-overlapping patches to tokens (a p x p convolution at stride p, with a bias when
+  `use_bias`). [B, H, W, C] -> [B, H/p, W/p, features]."""
   features: int
   patch_size: int
+  use_bias: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images):
     p = self.patch_size
     return Conv(self.features, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                kernel_init=nn.initializers.lecun_normal(), name='proj')(images)
+                use_bias=self.use_bias, kernel_init=nn.initializers.lecun_normal(),
+                name='proj')(images)
 
 
 class ConvStem(nn.Module):
@@ -275,7 +289,8 @@ class ViT(nn.Module):
   docstring; `stem`: 'patch' (timm's patch embedding) or 'conv' (Xiao et al.'s stem, no
   published weights); `stem_convs_per_stage`: 3x3 convolutions per stride-2 stage of the
   conv stem (1: the paper's small stems; more add stride-1 convolutions, as its larger
-  stems do); `dtype`: compute dtype (parameters stay float32).
+  stems do); `style`: 'timm' or 'mmseg' (module docstring); `dtype`: compute dtype
+  (parameters stay float32).
   """
   size: str = 'base'
   patch_size: int = 16
@@ -285,11 +300,14 @@ class ViT(nn.Module):
   dropout: float = 0.0
   stem: str = 'patch'
   stem_convs_per_stage: int = 1
+  style: str = 'timm'
   dtype: Any = jnp.float32
 
   def __post_init__(self):
     check_config(self.size, self.patch_size, self.pretrained_image_size, self.depth, self.stem,
                  self.stem_convs_per_stage)
+    if self.style not in STYLES:
+      raise ValueError(f'ViT style must be one of {STYLES}, got {self.style!r}')
     super().__post_init__()
 
   @property
@@ -298,8 +316,12 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train):
-    """images [B, H, W, C] -> patch tokens [B, H/p, W/p, D] in `dtype`."""
+    """images [B, H, W, C] -> patch tokens [B, H/p, W/p, D] in `dtype` (rounded up with
+    style 'mmseg')."""
     p = self.patch_size
+    if self.style == 'mmseg':
+      images = jnp.pad(images, ((0, 0), (0, -images.shape[1] % p), (0, -images.shape[2] % p),
+                                (0, 0)))
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'ViT with patch_size {p} needs image height and width divisible by '
                        f'{p}, got {images.shape[1:3]}; resize or crop the images (e.g. '
@@ -307,7 +329,7 @@ class ViT(nn.Module):
     width, _, heads = SIZES[self.size]
     images = images.astype(self.dtype)
     if self.stem == 'patch':
-      x = PatchEmbed(width, p, self.dtype, name='patch_embed')(images)
+      x = PatchEmbed(width, p, self.style == 'timm', self.dtype, name='patch_embed')(images)
     else:
       x = ConvStem(width, p, self.stem_convs_per_stage, self.dtype, name='conv_stem')(
           images, train=train)
@@ -318,42 +340,10 @@ class ViT(nn.Module):
     pos_embed = self.param('pos_embed', dense_init, (1, 1 + side * side, width))
     x = jnp.concatenate([jnp.broadcast_to(cls_token, (batch, 1, width)).astype(self.dtype), x],
                         axis=1)
-    x = x + resample_pos_embed(pos_embed, (h, w)).astype(self.dtype)
+    resize = 'torch' if self.style == 'mmseg' else 'timm'
+    x = x + resample_pos_embed(pos_embed, (h, w), resize).astype(self.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
       x = Block(heads, self.dropout, rate, dtype=self.dtype, name=f'blocks_{i}')(x, train=train)
     x = nn.LayerNorm(epsilon=EPSILON, dtype=self.dtype, name='norm')(x)
     return x[:, 1:].reshape(batch, h, w, width)
-
-
-# ---------------------------------------------------------------------------- timm weights
-
-def _torch_module_name(path):
-  """Flax module path ('blocks_3', 'attn', 'qkv') -> timm module name 'blocks.3.attn.qkv'."""
-  return '.'.join(m.replace('blocks_', 'blocks.') for m in path)
-
-
-def to_torch(variables):
-  """ViT variables {'params': ...} -> timm state dict {key: numpy array} (module docstring)."""
-  return torch_layout.to_torch({'params': variables['params']}, _torch_module_name)
-
-
-def from_torch(state, like):
-  """timm state dict -> variables shaped like `like` ({'params': ...}; arrays or shapes).
-
-  `state` holds the keys `to_torch(like)` produces. `pos_embed` is resampled to the grid of
-  `like` when the checkpoint's grid differs; every other shape must already match.
-  """
-  target = like['params']['pos_embed'].shape
-  if state['pos_embed'].shape != tuple(target):
-    side = math.isqrt(target[1] - 1)
-    state = {**state, 'pos_embed': np.asarray(resample_pos_embed(
-        jnp.asarray(state['pos_embed'], jnp.float32), (side, side)))}
-  variables = torch_layout.from_torch(state, {'params': like['params']}, _torch_module_name)
-  loaded = flax.traverse_util.flatten_dict(variables['params'])
-  for path, leaf in flax.traverse_util.flatten_dict(like['params']).items():
-    if loaded[path].shape != tuple(leaf.shape):
-      raise ValueError(f'{torch_layout.torch_key("params", path, _torch_module_name)}: '
-                       f'checkpoint shape {loaded[path].shape} does not fit the model\'s '
-                       f'{tuple(leaf.shape)}')
-  return variables
