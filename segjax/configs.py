@@ -80,8 +80,9 @@ def base_config():
   config.dataset.saturation_range = (0.5, 1.5)  # HSV saturation multiplied likewise
   config.dataset.hue_delta = 18  # hue shifted by an int in [-delta, delta], units of 2 degrees
   # Leading image channels distorted: 3 (RGB) gets all four ops, another count only
-  # brightness and contrast (e.g. 1 for grayscale, all bands of a multispectral image).
-  config.dataset.photometric_channels = 3
+  # brightness and contrast (e.g. 1 for grayscale, all bands of a multispectral image);
+  # 0: every channel (one per dataset.mean value).
+  config.dataset.photometric_channels = 0
   # Per-channel, of images scaled to [0, 1]; their length is the number of input channels
   # (dataset 'folder' reads any count, e.g. RGB-D or multispectral .npy; the others are RGB).
   config.dataset.mean = (0.5, 0.5, 0.5)
@@ -343,8 +344,9 @@ def _is_range(value):
           and 0 <= value[0] <= value[1])
 
 
-def _validate_augmentation(data):
-  """Refuses impossible input channels and augmentation fields of `data` (config.dataset)."""
+def _validate_augmentation(data, distorted):
+  """Refuses impossible input channels and augmentation fields of `data` (config.dataset);
+  the photometric fields only when `distorted` (photometric distortion or a strong view)."""
   channels = len(data.mean)
   _require(channels > 0 and len(data.std) == channels,
            f'dataset.mean ({len(data.mean)} values) and dataset.std ({len(data.std)}) need '
@@ -370,10 +372,10 @@ def _validate_augmentation(data):
   _require(isinstance(data.hue_delta, int) and 0 <= data.hue_delta <= 90,
            f'dataset.hue_delta must be an int in [0, 90] (units of 2 degrees), got '
            f'{data.hue_delta!r}')
-  _require(isinstance(data.photometric_channels, int)
-           and 1 <= data.photometric_channels <= channels,
-           f'dataset.photometric_channels must be an int in [1, {channels}] (the channels of '
-           f'dataset.mean), got {data.photometric_channels!r}')
+  _require(not distorted or isinstance(data.photometric_channels, int)
+           and 0 <= data.photometric_channels <= channels,
+           f'dataset.photometric_channels must be an int in [0, {channels}] (the channels of '
+           f'dataset.mean; 0: all of them), got {data.photometric_channels!r}')
 
 
 _KINDS = {bool: ('True or False', (bool,)), int: ('an int', (int,)),
@@ -448,7 +450,8 @@ def validate(config):
            'evaluation.pad=False pads nothing; set dataset.eval_pad_size to 0')
   _require(0 < config.dataset.min_scale <= config.dataset.max_scale,
            'need 0 < dataset.min_scale <= dataset.max_scale')
-  _validate_augmentation(config.dataset)
+  _validate_augmentation(config.dataset, config.dataset.photometric
+                         or config.semi_supervised.method != 'none')
   _require(config.optimizer.learning_rate > 0, 'optimizer.learning_rate must be positive')
   _require(0 <= config.end_learning_rate <= config.optimizer.learning_rate,
            f'end_learning_rate ({config.end_learning_rate}) must be in [0, '

@@ -151,7 +151,7 @@ def unlabelled_batches(source, spec, config, *, start_step, process_index=0, pro
   is derived from config.seed, distinct from the labelled stream's.
   """
   data = config.dataset
-  distortion = strong_distortion(data.photometric_channels)
+  distortion = strong_distortion(pipeline.photometric_channels(data))
 
   def augment(example, rng):
     image, _ = pipeline.decode(example, spec, len(data.mean))

@@ -560,6 +560,7 @@ def test_folder_multichannel_training_batches_are_normalised_per_channel(tmp_pat
                                    cat_max_ratio=0.9, min_scale=1.0, max_scale=1.0)
   config.dataset.mean = tuple(0.1 * c for c in range(6))
   config.dataset.std = tuple(0.2 + 0.1 * c for c in range(6))
+  config.dataset.photometric_channels = 3  # the RGB bands only (0, the default: all six)
   config.batch_size = 2
   spec = data.get_spec(config.dataset)
   batch = next(pipeline.train_batches(data.load_sources(config.dataset)['train'], spec, config,

@@ -295,11 +295,28 @@ def folder_dataset_config(**fields):
     ({'contrast_range': (1.5, 0.5)}, 'contrast_range must be a'),
     ({'saturation_range': (-0.1, 1.0)}, 'saturation_range must be a'),
     ({'hue_delta': 91}, r'hue_delta must be an int in \[0, 90\]'),
-    ({'photometric_channels': 4}, r'photometric_channels must be an int in \[1, 3\]'),
+    ({'photometric_channels': 4, 'photometric': True},
+     r'photometric_channels must be an int in \[0, 3\]'),
 ])
 def test_bad_augmentation_fields_are_refused(fields, match):
   with pytest.raises(ConfigError, match=match):
     configs.validate(folder_dataset_config(**fields))
+
+
+def test_photometric_channels_follow_the_channel_count_and_matter_only_when_used():
+  # A grayscale folder dataset validates with the default, photometric distortion off or on.
+  gray = folder_dataset_config(mean=(0.3,), std=(0.3,))
+  configs.validate(gray)
+  assert pipeline.photometric(gray.dataset) is None
+  gray.dataset.photometric = True
+  configs.validate(gray)
+  assert pipeline.photometric(gray.dataset).channels == 1
+  # A value the run does not use does not stop it; one it uses is checked.
+  unused = folder_dataset_config(mean=(0.3,), std=(0.3,), photometric_channels=3)
+  configs.validate(unused)
+  unused.dataset.photometric = True
+  with pytest.raises(ConfigError, match=r'photometric_channels must be an int in \[0, 1\]'):
+    configs.validate(unused)
 
 
 def test_rgb_datasets_need_three_channel_stats():

@@ -48,7 +48,13 @@ def photometric(dataset_config):
       brightness_delta=dataset_config.brightness_delta,
       contrast_range=tuple(dataset_config.contrast_range),
       saturation_range=tuple(dataset_config.saturation_range),
-      hue_delta=dataset_config.hue_delta, channels=dataset_config.photometric_channels)
+      hue_delta=dataset_config.hue_delta, channels=photometric_channels(dataset_config))
+
+
+def photometric_channels(dataset_config):
+  """The leading channels photometric distortion acts on: dataset.photometric_channels, or
+  with 0 every channel of the images (one per dataset.mean value)."""
+  return dataset_config.photometric_channels or len(dataset_config.mean)
 
 
 def max_image_size(source):
