@@ -1,4 +1,5 @@
-"""layers.Conv / layers.ConvTranspose against flax's nn.Conv / nn.ConvTranspose.
+"""layers.Conv / layers.ConvTranspose against flax's nn.Conv / nn.ConvTranspose, and the
+backend's choice of formulation (`kernels`).
 
 The matrix-product paths must be drop-in: the same parameter tree (names, shapes, init
 draws), the same outputs and the same gradients with respect to inputs and parameters.
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from segjax.models import kernels
 from segjax.models import layers
 
 
@@ -124,3 +126,61 @@ def test_max_pool_splits_the_gradient_between_tied_maxima():
   assert jnp.all(grad > 0)
   np.testing.assert_allclose(grad[0, :, :, 0].reshape(2, 2, 2, 2).sum(axis=(1, 3)),
                              jnp.ones((2, 2)))
+
+
+# ---------------------------------------------------------------------------- formulations
+
+def _primitives(fn, *args):
+  return {equation.primitive.name for equation in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+def test_the_cpu_formulations_run_on_the_cpu_backend_only(monkeypatch):
+  assert kernels.formulation() == 'cpu'  # these tests run on CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert kernels.formulation() == 'plain'
+  monkeypatch.setenv('SEGJAX_KERNELS', 'cpu')
+  assert kernels.formulation() == 'cpu'
+  monkeypatch.setenv('SEGJAX_KERNELS', 'fast')
+  with pytest.raises(ValueError, match=r"SEGJAX_KERNELS must be one of \('cpu', 'plain'\)"):
+    kernels.formulation()
+
+
+def test_plain_formulation_traces_flax_and_lax_ops():
+  x = jnp.zeros((1, 8, 8, 3))
+  conv = layers.Conv(4, (1, 1))
+  params = conv.init(jax.random.key(0), x)
+  with kernels.forced('plain'):
+    plain = _primitives(lambda x: conv.apply(params, x), x)
+    pooled = _primitives(lambda x: layers.max_pool(x, 3, 2, 1), x)
+  with kernels.forced('cpu'):
+    cpu = _primitives(lambda x: conv.apply(params, x), x)
+  assert 'conv_general_dilated' in plain and 'dot_general' not in plain
+  assert 'dot_general' in cpu and 'conv_general_dilated' not in cpu
+  assert 'reduce_window_max' in pooled
+
+
+@pytest.mark.parametrize('name,fields', [
+    ('deeplab', dict(backbone_depth=18, backbone_width=8, aspp_features=8,
+                     low_level_features=4, decoder_features=8)),  # ASPP taps, strided pools
+    ('unet', dict(depth=2, features=4)),  # 2x2 up-convolutions and pools
+    ('segmenter', dict(size='tiny', patch_size=8, depth=1, pretrained_image_size=32)),
+])
+def test_formulations_give_the_same_outputs_and_gradients(name, fields):
+  from segjax import models  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  model = models.get_model(ml_collections.ConfigDict({'name': name, **fields}), 3)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def outputs_and_gradients():
+    loss = lambda params, x: jnp.sum(jnp.sin(model.apply(
+        {**variables, 'params': params}, x, train=False)))
+    return model.apply(variables, x, train=False), jax.grad(loss, (0, 1))(
+        variables['params'], x)
+
+  with kernels.forced('cpu'):
+    cpu = jax.jit(outputs_and_gradients)()
+  with kernels.forced('plain'):
+    plain = jax.jit(outputs_and_gradients)()
+  for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segjax.models import kernels
+
 # The mapped axis that BatchNorm statistics are averaged over while tracing a per-device
 # step (`synced_batch_norm`); None under jit, where the statistics are global already.
 _BATCH_NORM_AXIS = contextvars.ContextVar('batch_norm_axis', default=None)
@@ -89,9 +91,9 @@ def _conv_by_taps(inputs, kernel, windows, out_size, precision):
 
 
 class Conv(nn.Conv):
-  """`nn.Conv` (same fields, parameters, names and results) that computes two kinds of
-  convolution with matrix products; the others run `nn.Conv` unchanged. 2-D inputs
-  [B, H, W, C] only.
+  """`nn.Conv` (same fields, parameters, names and results) that, in the 'cpu' formulation
+  (`kernels`: the CPU backend), computes two kinds of convolution with matrix products; the
+  others, and all of them elsewhere, run `nn.Conv` unchanged. 2-D inputs [B, H, W, C] only.
 
   - Non-overlapping windows: 1x1 kernels at any stride, and k x k kernels at stride k
     ('VALID', or 'SAME' on sizes divisible by k; ViT's patch embedding), as one product.
@@ -149,6 +151,8 @@ class Conv(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs):
+    if kernels.formulation() == 'plain':
+      return super().__call__(inputs)
     k = self._non_overlapping_patch(inputs)
     taps = None if k is not None else self._sparse_taps(inputs)
     if k is None and taps is None:
@@ -174,10 +178,10 @@ class Conv(nn.Conv):
 
 
 class ConvTranspose(nn.ConvTranspose):
-  """`nn.ConvTranspose` (same fields, parameters, names and results) that computes the
-  non-overlapping case, kernel == strides (U-Net's 2x2 stride-2 up-convolution), as one
-  matrix product and a depth-to-space reshape; other configurations run
-  `nn.ConvTranspose`. 2-D inputs [B, h, w, C] -> [B, h*k, w*k, F].
+  """`nn.ConvTranspose` (same fields, parameters, names and results) that, in the 'cpu'
+  formulation (`kernels`), computes the non-overlapping case, kernel == strides (U-Net's 2x2
+  stride-2 up-convolution), as one matrix product and a depth-to-space reshape; other
+  configurations, and all of them elsewhere, run `nn.ConvTranspose`. 2-D inputs [B, h, w, C] -> [B, h*k, w*k, F].
 
   Why: XLA:CPU computes the weight gradient of a stride-2 transposed convolution as a
   dilated convolution at a few GFLOP/s: in a depth-4 U-Net at 8 x 128^2 these four
@@ -194,7 +198,7 @@ class ConvTranspose(nn.ConvTranspose):
 
   @nn.compact
   def __call__(self, inputs):
-    k = self._non_overlapping_patch(inputs)
+    k = self._non_overlapping_patch(inputs) if kernels.formulation() == 'cpu' else None
     if k is None:
       return super().__call__(inputs)
     kernel = self.param('kernel', self.kernel_init, (k, k, inputs.shape[-1], self.features),
@@ -245,8 +249,12 @@ def max_pool(x, size, stride, padding=0):
   input and a variadic reduce-window (fwd + bwd of 2x2/2 at 8 x 128^2 x 64: 92 ms, this
   13 ms; ResNet's 3x3/2 stem pool at 4 x 128^2 x 64: 72 vs 19 ms). Where a window holds
   tied maxima the gradient is split between them (a reduce-window gives it all to one);
-  after a ReLU those ties are zeros, whose gradient the ReLU discards.
+  after a ReLU those ties are zeros, whose gradient the ReLU discards. That is the 'cpu'
+  formulation (`kernels`); elsewhere `nn.max_pool` runs.
   """
+  if kernels.formulation() == 'plain':
+    return nn.max_pool(x, (size, size), strides=(stride, stride),
+                       padding=((padding, padding), (padding, padding)))
   if padding:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
                 constant_values=-jnp.inf)
