@@ -235,8 +235,13 @@ class ConvBNReLU(nn.Module):
 
 
 def resize_to(x, height, width):
-  """Bilinear resize of [B, h, w, C] to [B, height, width, C] (half-pixel centres)."""
-  return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), method='bilinear')
+  """Bilinear resize of [B, h, w, C] to [B, height, width, C] (half-pixel centres;
+  antialiased along a side that shrinks). Upsampling is the same with or without
+  antialiasing; it is asked for only where it matters, which keeps the graph exportable
+  (ONNX's Resize has no antialiased bilinear mode in jax2onnx)."""
+  shrinks = height < x.shape[1] or width < x.shape[2]
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), method='bilinear',
+                          antialias=shrinks)
 
 
 def max_pool(x, size, stride, padding=0):
@@ -252,12 +257,11 @@ def max_pool(x, size, stride, padding=0):
   after a ReLU those ties are zeros, whose gradient the ReLU discards. That is the 'cpu'
   formulation (`kernels`); elsewhere `nn.max_pool` runs.
   """
-  if kernels.formulation() == 'plain':
-    return nn.max_pool(x, (size, size), strides=(stride, stride),
-                       padding=((padding, padding), (padding, padding)))
-  if padding:
+  if padding:  # explicitly: jax2onnx's max_pool drops a padding argument (ONNX export)
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
                 constant_values=-jnp.inf)
+  if kernels.formulation() == 'plain':
+    return nn.max_pool(x, window_shape=(size, size), strides=(stride, stride))
   out_h, out_w = ((n - size) // stride + 1 for n in x.shape[1:3])
   taps = [x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
           for i in range(size) for j in range(size)]
