@@ -10,7 +10,7 @@ architecture is mirrored, not the initialisation (PyTorch's defaults here).
 
 Departures that keep the maths: attention runs through `F.scaled_dot_product_attention`
 (as timm does) where segjax writes the einsums out; the ResNet is built from segjax's own
-stage and rate rules (`segjax.models.resnet`). Not mirrored (ValueError): the ViT's conv
+stage and rate rules (`segjax.models.backbones.resnet`). Not mirrored (ValueError): the ViT's conv
 stem and frozen BatchNorm. The flax `dtype` field is not read: the twin computes in
 float32, or in bfloat16 under `torch.autocast`.
 """
@@ -21,10 +21,10 @@ from torch import nn
 import torch.nn.functional as F
 
 from segjax.models import deeplab
-from segjax.models import resnet
+from segjax.models.backbones import resnet
 from segjax.models import segmenter
 from segjax.models import unet
-from segjax.models import vit
+from segjax.models.backbones import vit
 
 
 def conv_bn_relu(in_channels, out_channels, kernel=3, stride=1, dilation=1):
@@ -75,7 +75,7 @@ class UNet(nn.Module):
 # ---------------------------------------------------------------------------- ResNet, DeepLab
 
 class Bottleneck(nn.Module):
-  """ResNet v1.5 bottleneck (stride on the 3x3), as segjax.models.resnet.Bottleneck."""
+  """ResNet v1.5 bottleneck (stride on the 3x3), as segjax.models.backbones.resnet.Bottleneck."""
 
   def __init__(self, in_channels, width, stride, rate):
     super().__init__()
@@ -99,7 +99,7 @@ class Bottleneck(nn.Module):
 
 
 class BasicBlock(nn.Module):
-  """Two 3x3 conv-BN layers plus shortcut, as segjax.models.resnet.BasicBlock."""
+  """Two 3x3 conv-BN layers plus shortcut, as segjax.models.backbones.resnet.BasicBlock."""
 
   def __init__(self, in_channels, width, stride, rate):
     super().__init__()
@@ -244,7 +244,7 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-  """segjax.models.vit.ViT with the patch embedding: patch tokens [B, D, H/p, W/p]."""
+  """segjax.models.backbones.vit.ViT with the patch embedding: patch tokens [B, D, H/p, W/p]."""
 
   def __init__(self, in_channels, size, patch_size, pretrained_image_size, depth,
                drop_path_rate, dropout):

@@ -21,7 +21,7 @@ from segjax import parallel
 from segjax import semi
 from segjax import weights
 from segjax.data import transforms
-from segjax.models import resnet
+from segjax.models.backbones import resnet
 from segjax.errors import ConfigError
 
 

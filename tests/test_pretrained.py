@@ -18,7 +18,7 @@ from segjax import weights
 from segjax.weights import torchvision as torchvision_weights
 from segjax.errors import ConfigError
 from segjax.models import deeplab
-from segjax.models import resnet
+from segjax.models.backbones import resnet
 
 torch = pytest.importorskip('torch')
 F = torch.nn.functional

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from segjax.models import resnet
-from segjax.models.resnet import ResNet
+from segjax.models.backbones import resnet
+from segjax.models.backbones.resnet import ResNet
 
 
 def abstract_init(model, size=64):

@@ -18,7 +18,7 @@ from segjax import configs
 from segjax import models
 from segjax.errors import ConfigError
 from segjax.models import segmenter
-from segjax.models import vit
+from segjax.models.backbones import vit
 from segjax import weights
 from segjax.weights import timm as timm_weights
 

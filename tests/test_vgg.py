@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax.models import vgg
-from segjax.models.vgg import VGG16
+from segjax.models.backbones import vgg
+from segjax.models.backbones.vgg import VGG16
 from segjax.weights import torchvision as torchvision_weights
 
 VGG = torchvision_weights.vgg()

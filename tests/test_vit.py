@@ -14,8 +14,8 @@ import pytest
 from scipy import special
 
 from segjax import weights
-from segjax.models import vit
-from segjax.models.vit import ViT
+from segjax.models.backbones import vit
+from segjax.models.backbones.vit import ViT
 from segjax.weights import timm as timm_weights
 
 TIMM = timm_weights.vit_table()

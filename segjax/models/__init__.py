@@ -10,7 +10,7 @@ import pkgutil
 from segjax.errors import ConfigError
 from segjax.models import layers
 
-_NOT_MODELS = ('kernels', 'layers', 'resnet', 'vgg', 'vit')  # building blocks and backbones
+_NOT_MODELS = ('backbones', 'kernels', 'layers')  # the backbones and building blocks
 
 
 def model_names():

@@ -39,8 +39,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.models import resnet
 from segjax.models import fcn
+from segjax.models.backbones import resnet
 from segjax.models.layers import Conv, ConvBNReLU, batch_norm, resize_to
 
 PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # output stride -> ASPP atrous rates

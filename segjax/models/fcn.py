@@ -59,8 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.models import resnet
-from segjax.models import vgg
+from segjax.models.backbones import resnet
+from segjax.models.backbones import vgg
 from segjax.models.layers import Conv, ConvBNReLU, resize_to
 
 BACKBONES = ('vgg16', 'vgg16_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet101')

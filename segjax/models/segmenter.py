@@ -37,7 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.models import vit
+from segjax.models.backbones import vit
 from segjax.models.layers import resize_to
 
 DECODERS = ('linear', 'mask')

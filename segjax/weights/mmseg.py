@@ -38,7 +38,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.models import vit
+from segjax.models.backbones import vit
 from segjax.weights import layout
 from segjax.weights import torchvision
 
