@@ -40,15 +40,14 @@ def kernel_from_torch(array):
   return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
 
 
-def module_keys(module_name, leaf_names=None):
+def module_keys(module_name):
   """A `Table.key` from `module_name(flax module path) -> source module name` ('' for the
-  root) and the leaf names of LEAF_NAMES (updated by `leaf_names`)."""
-  names = {**LEAF_NAMES, **(leaf_names or {})}
+  root) and the leaf names of LEAF_NAMES."""
 
   def key(collection, path):
     *modules, leaf = path
     prefix = module_name(tuple(modules))
-    name = names.get((collection, leaf), leaf)
+    name = LEAF_NAMES.get((collection, leaf), leaf)
     return f'{prefix}.{name}' if prefix else name
 
   return key
@@ -122,7 +121,7 @@ class Table:
 
   key: (collection, flax path) -> the source's key. unused: prefixes of source keys that
   are not loaded (an ImageNet classifier). resizable: source keys whose shape may differ
-  from the model's (`adapt` resamples them, e.g. ViT position embeddings).
+  from the model's (`from_torch` resamples them, e.g. ViT position embeddings).
   to_torch / from_torch: per-key array conversions beyond the kernel transposes
   ((key, array) -> array and (key, array, flax shape) -> array).
   """

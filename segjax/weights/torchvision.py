@@ -55,7 +55,7 @@ def vgg():
   """torchvision's `vgg16` / `vgg16_bn` state dict (fc8, `classifier.6`, unused); fc6 and
   fc7 are Linear layers there and convolutions here."""
   return layout.Table('torchvision VGG16',
-                      layout.module_keys(lambda modules: layout.dotted(modules)),
+                      layout.module_keys(layout.dotted),
                       part='backbone', unused=('classifier.6.',), input_key='features.0.weight',
                       to_torch=_vgg_to_torch, from_torch=_vgg_from_torch)
 
