@@ -7,9 +7,9 @@
 
 Arguments after the colon: `variant` (v3 | v3plus), `backbone` (resnet18/34/50/101),
 `output_stride` (8 | 16), `width` (ResNet base width; 64 as published), `head` (paper |
-torchvision | mmseg), `stem` (torchvision | deep), `aux_head`, `dataset` (shapes | voc |
-voc_mmseg | cityscapes_mmseg | ade20k_mmseg | voc_torchvision), or one of the RECIPES names
-below.
+torchvision | mmseg), `stem` (torchvision | deep), `aux_head`, `dataset` (shapes | voc (the
+DeepLab papers' recipe) | voc_mmseg | cityscapes | ade20k (mmseg's) | voc_torchvision), or
+one of the RECIPES names below.
 
 `dataset=shapes` (default) is sized for a 2-core CPU: ResNet-18 at a quarter of the
 published width, 64x64 crops, narrow heads, Adam; it reaches about 0.8 validation mIoU in
@@ -103,10 +103,11 @@ _MMSEG_FILES = {  # (variant, depth, dataset) -> (file, mIoU): mmseg's metafile.
     ('v3', 101, 'voc'):
         ('deeplabv3_r101-d8_512x512_40k_voc12aug_20200613_161432-0017d784.pth', 77.92),
 }
+_MMSEG_DATASET_RECIPES = {'cityscapes': 'cityscapes', 'ade20k': 'ade20k', 'voc': 'voc_mmseg'}
 for (_variant, _depth, _data), (_file, _miou) in _MMSEG_FILES.items():
   _name = f'mmseg_deeplab{_variant}_r{_depth}_d8_{_data}'
   CHECKPOINTS[_name] = (f'variant={_variant},backbone=resnet{_depth},{_MMSEG_MODEL},'
-                        f'dataset={_data}_mmseg', _file, _miou)
+                        f'dataset={_MMSEG_DATASET_RECIPES[_data]}', _file, _miou)
 RECIPES.update({name: arg for name, (arg, _, _) in CHECKPOINTS.items()})
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -135,10 +136,10 @@ DATASET_RECIPES = {
     'voc': _PAPER_VOC,
     # mmsegmentation: SGD momentum 0.9, poly(0.9) down to 1e-4.
     'voc_mmseg': dict(name='voc', crop=512, batch=16, steps=40_000, **_MMSEG),
-    'cityscapes_mmseg': dict(name='cityscapes', crop=(512, 1024), batch=8, steps=80_000,
+    'cityscapes': dict(name='cityscapes', crop=(512, 1024), batch=8, steps=80_000,
                              **{**_MMSEG, 'data': {**_MMSEG_AUGMENT, 'base_size': (2048, 1024)},
                                 'evaluation': _mmseg_evaluation((2048, 1024))}),
-    'ade20k_mmseg': dict(name='ade20k', crop=512, batch=16, steps=160_000, **_MMSEG),
+    'ade20k': dict(name='ade20k', crop=512, batch=16, steps=160_000, **_MMSEG),
     # torchvision's references/segmentation: batch 32 (8 GPUs x 4), 30 epochs of its COCO
     # subset (~92k images: ~87k steps), lr 0.02, weight decay 1e-4, crop 480 after a random
     # resize of the short side to 260-1040 (base 520), aux loss weight 0.5; evaluated with the
