@@ -169,19 +169,12 @@ def classify(classify_fn, variables, images, size, batch, mean, std):
           for prediction, image in zip(predictions, images)]
 
 
-def make_protocol_classify(predict):
-  """Jitted (variables, images float32 [B, h, w, C], (height, width)) -> int32 [B, height,
-  width]: the argmax of `predict`'s logits resized to (height, width) where they differ."""
-  return jax.jit(lambda variables, images, size: evaluate_lib.predictions_at(
-      predict(variables, images), *size), static_argnums=2)
-
-
 def classify_protocol(classify_fn, variables, inputs, size, batch, mean, std):
   """Argmax class maps [height, width] of uint8 `inputs` (each [h, w, C], one shape),
   normalised and inferred unpadded in a batch of `batch` >= len(inputs) rows (the extra rows
   zero), the logits resized to `size` = (height, width).
 
-  classify_fn: `make_protocol_classify`'s function.
+  classify_fn: `visualize.make_resized_classify`'s function.
   """
   pixels = np.zeros((batch, *inputs[0].shape[:2], len(mean)), np.float32)
   for i, image in enumerate(inputs):
@@ -242,7 +235,7 @@ def predict_files(config, workdir, images, output):
                                       crop_size=config.dataset.image_size)
   evaluation = config.evaluation
   protocol = not evaluation.pad  # a benchmark's protocol: resized, inferred unpadded
-  classify_fn = (make_protocol_classify(predict) if protocol
+  classify_fn = (visualize.make_resized_classify(predict) if protocol
                  else visualize.make_classify(predict))
   colours = visualize.class_colours(config.dataset, spec.num_classes)
   mean, std = config.dataset.mean, config.dataset.std

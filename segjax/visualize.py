@@ -103,6 +103,14 @@ def make_classify(predict):
   return jax.jit(lambda variables, images: jnp.argmax(predict(variables, images), axis=-1))
 
 
+def make_resized_classify(predict):
+  """Jitted (variables, images float32 [B, h, w, C], (height, width)) -> int32 [B, height,
+  width]: the argmax of `predict`'s logits resized to (height, width) where they differ
+  (`evaluate.predictions_at`; evaluation.pad False, a label or image of another size)."""
+  return jax.jit(lambda variables, images, size: evaluate_lib.predictions_at(
+      predict(variables, images), *size), static_argnums=2)
+
+
 _PANEL_INPUTS = weakref.WeakKeyDictionary()  # Experiment -> its `_panel_inputs`
 
 
@@ -131,10 +139,7 @@ def _protocol_panel_inputs(experiment):
     config, source = experiment.config, experiment.sources['validation']
     examples = list(itertools.islice(
         pipeline.protocol_examples(source, experiment.spec, config), config.log_images))
-    predict = experiment.predict
-    classify = jax.jit(lambda variables, images, size: evaluate_lib.predictions_at(
-        predict(variables, images), *size), static_argnums=2)
-    _PANEL_INPUTS[experiment] = (examples, classify)
+    _PANEL_INPUTS[experiment] = (examples, make_resized_classify(experiment.predict))
   return _PANEL_INPUTS[experiment]
 
 

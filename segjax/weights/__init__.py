@@ -5,7 +5,7 @@ mostly a name table from segjax's flax paths to the source's keys.
                any float dtype); mmseg's {'state_dict', 'meta'} and 'module.' unwrapped
   layout       `Table` (one source's names for a model or its backbone) and the layouts
   torchvision  ResNet / VGG16 backbones; fcn_resnet50/101, deeplabv3_resnet50/101 whole
-  mmseg        ResNetV1c backbones; DeepLab v3 / v3+ and FCN models whole
+  mmseg        ResNetV1c and ViT backbones; DeepLab v3 / v3+, FCN and Segmenter models whole
   timm         ViT backbones (the Hugging Face hub's timm/* files)
 
 `load` reads a file and loads every parameter it has for the model: the whole model
