@@ -20,6 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from segjax.models import attention
 from segjax.models import deeplab
 from segjax.models.backbones import resnet
 from segjax.models import segmenter
@@ -223,8 +224,8 @@ class Block(nn.Module):
     self.qkv = nn.Linear(dim, 3 * dim)
     self.proj = nn.Linear(dim, dim)
     self.norm2 = nn.LayerNorm(dim, eps=eps)
-    self.fc1 = nn.Linear(dim, vit.MLP_RATIO * dim)
-    self.fc2 = nn.Linear(vit.MLP_RATIO * dim, dim)
+    self.fc1 = nn.Linear(dim, attention.MLP_RATIO * dim)
+    self.fc2 = nn.Linear(attention.MLP_RATIO * dim, dim)
     self.drop = nn.Dropout(dropout)
     self.drop_path = DropPath(drop_path)
 
@@ -258,7 +259,7 @@ class ViT(nn.Module):
     self.drop = nn.Dropout(dropout)
     self.blocks = nn.Sequential(*(
         Block(dim, heads, dropout, rate)
-        for rate in vit.drop_path_rates(drop_path_rate, depth or default_depth)))
+        for rate in attention.drop_path_rates(drop_path_rate, depth or default_depth)))
     self.norm = nn.LayerNorm(dim, eps=vit.EPSILON)
 
   def resampled_pos_embed(self, height, width):

@@ -184,3 +184,24 @@ def test_formulations_give_the_same_outputs_and_gradients(name, fields):
     plain = jax.jit(outputs_and_gradients)()
   for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(plain)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize('strides,dilation,use_bias', [(1, 1, True), (2, 1, False), (1, 2, False)])
+def test_depthwise_conv_formulations_agree(strides, dilation, use_bias):
+  """The tap-by-tap 'cpu' depthwise convolution against the grouped convolution ('plain'):
+  outputs and gradients, at an odd size."""
+  conv = layers.DepthwiseConv(5, strides, dilation, use_bias=use_bias)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 6))
+  variables = conv.init(jax.random.key(1), x)
+
+  def loss(variables, x):
+    return jnp.sum(jnp.sin(conv.apply(variables, x)))
+
+  results = {}
+  for name in kernels.FORMULATIONS:
+    with kernels.forced(name):  # read while tracing: a new jitted function per formulation
+      results[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+  assert jax.eval_shape(conv.apply, variables, x).shape == (
+      2, -(-9 // strides), -(-7 // strides), 6)
+  for ours, plain in zip(jax.tree.leaves(results['cpu']), jax.tree.leaves(results['plain'])):
+    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from segjax import configs
 from segjax import models
 from segjax.errors import ConfigError
 from segjax.models import segmenter
+from segjax.models import attention
 from segjax.models.backbones import vit
 from segjax import weights
 from segjax.weights import timm as timm_weights
@@ -89,7 +90,7 @@ def test_mask_decoder_structure():
   heads = {}
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, vit.Attention):
+    if isinstance(context.module, attention.Attention):
       heads['/'.join(context.module.path[:-1])] = context.module.num_heads
     return next_fun(*args, **kwargs)
 

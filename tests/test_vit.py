@@ -14,6 +14,7 @@ import pytest
 from scipy import special
 
 from segjax import weights
+from segjax.models import attention
 from segjax.models.backbones import vit
 from segjax.models.backbones.vit import ViT
 from segjax.weights import timm as timm_weights
@@ -195,12 +196,12 @@ def test_shapes_other_than_pos_embed_are_not_adapted(tiny):
 
 def test_drop_path_only_in_training_and_rates_grow_linearly(tiny):
   _, variables, images, apply = tiny
-  assert vit.drop_path_rates(0.1, 5) == pytest.approx((0.0, 0.025, 0.05, 0.075, 0.1))
+  assert attention.drop_path_rates(0.1, 5) == pytest.approx((0.0, 0.025, 0.05, 0.075, 0.1))
   model = ViT(**TINY, drop_path_rate=0.5)
   rates = {}
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, vit.DropPath):
+    if isinstance(context.module, attention.DropPath):
       rates[context.module.path[0]] = context.module.rate
     return next_fun(*args, **kwargs)
 
@@ -220,13 +221,13 @@ def test_drop_path_only_in_training_and_rates_grow_linearly(tiny):
 
 def test_drop_path_drops_whole_examples_and_rescales_the_rest():
   x = jnp.ones((2000, 3, 4))
-  y = vit.DropPath(0.25).apply({}, x, train=True, rngs={'dropout': jax.random.key(0)})
+  y = attention.DropPath(0.25).apply({}, x, train=True, rngs={'dropout': jax.random.key(0)})
   per_example = np.asarray(y).reshape(2000, -1)
   kept = per_example[:, 0] > 0
   np.testing.assert_allclose(per_example[kept], 1 / 0.75)
   assert np.all(per_example[~kept] == 0)
   assert abs(kept.mean() - 0.75) < 0.03
-  np.testing.assert_array_equal(vit.DropPath(0.25).apply({}, x, train=False), x)
+  np.testing.assert_array_equal(attention.DropPath(0.25).apply({}, x, train=False), x)
 
 
 @pytest.mark.parametrize('fields,match', [

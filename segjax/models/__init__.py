@@ -10,7 +10,7 @@ import pkgutil
 from segjax.errors import ConfigError
 from segjax.models import layers
 
-_NOT_MODELS = ('backbones', 'kernels', 'layers')  # the backbones and building blocks
+_NOT_MODELS = ('attention', 'backbones', 'kernels', 'layers')  # the backbones and building blocks
 
 
 def model_names():

@@ -37,6 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from segjax.models import attention
 from segjax.models.backbones import vit
 from segjax.models.layers import resize_to
 
@@ -64,8 +65,8 @@ class MaskTransformer(nn.Module):
     batch, h, w, _ = tokens.shape
     k = self.num_classes
     dense = functools.partial(nn.Dense, self.width, dtype=self.dtype)
-    x = dense(kernel_init=vit.dense_init, name='proj_dec')(tokens.reshape(batch, h * w, -1))
-    cls_emb = self.param('cls_emb', vit.dense_init, (1, k, self.width))
+    x = dense(kernel_init=attention.dense_init, name='proj_dec')(tokens.reshape(batch, h * w, -1))
+    cls_emb = self.param('cls_emb', attention.dense_init, (1, k, self.width))
     x = jnp.concatenate(
         [x, jnp.broadcast_to(cls_emb, (batch, k, self.width)).astype(x.dtype)], axis=1)
     for i in range(self.num_layers):
@@ -136,7 +137,7 @@ class Model(nn.Module):
                      self.drop_path_rate, self.dropout, self.stem, self.stem_convs_per_stage,
                      self.encoder_style, self.dtype, name='backbone')(images, train=train)
     if self.decoder == 'linear':
-      scores = nn.Dense(self.num_classes, kernel_init=vit.dense_init, dtype=self.dtype,
+      scores = nn.Dense(self.num_classes, kernel_init=attention.dense_init, dtype=self.dtype,
                         name='head')(tokens)
     else:
       width = vit.SIZES[self.size][0]

@@ -11,7 +11,10 @@ subtree to the source's key; the leaves convert by kind:
   batch_stats mean / var           running_mean / running_var
   any other leaf (e.g. pos_embed)  its own name     unchanged
 
-A depthwise kernel [kh, kw, 1, C] is PyTorch's [C, 1, kh, kw] by the same rule.
+A depthwise kernel [kh, kw, 1, C] is PyTorch's [C, 1, kh, kw] by the same rule. A source
+that packs several flax leaves into one tensor (nn.MultiheadAttention's `in_proj_weight` holds
+the query, key and value projections) names each leaf with a `Packed` key: the leaf is one
+of `count` equal slices along the source tensor's first axis.
 
 The first convolution's kernel (`Table.input_key`) adapts to another input channel count,
 as segmentation_models_pytorch's `patch_first_conv` does (`adapt_input_channels`), so RGB
@@ -29,6 +32,15 @@ LEAF_NAMES = {
     ('batch_stats', 'mean'): 'running_mean',
     ('batch_stats', 'var'): 'running_var',
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+  """A `Table.key` result for a leaf stored as slice `index` of `count` equal slices along
+  axis 0 of the source tensor `key` (in the source's layout)."""
+  key: str
+  index: int
+  count: int
 
 
 def kernel_to_torch(array):
@@ -66,7 +78,10 @@ def by_top_module(parts):
 
   def key(collection, path):
     source_prefix, below = parts[path[0]]
-    return source_prefix + below(collection, path[1:])
+    key = below(collection, path[1:])
+    if isinstance(key, Packed):
+      return dataclasses.replace(key, key=source_prefix + key.key)
+    return source_prefix + key
 
   return key
 
@@ -149,17 +164,26 @@ class Table:
     return {c: tree['backbone'] for c, tree in variables.items() if 'backbone' in tree}
 
   def source_key(self, collection, path):
-    return self.prefix + self.key(collection, path)
+    """The source's key of a leaf: a str, or a `Packed` slice of one."""
+    key = self.key(collection, path)
+    if isinstance(key, Packed):
+      return dataclasses.replace(key, key=self.prefix + key.key)
+    return self.prefix + key
 
   def to_source(self, variables):
     """{collection: tree} of this table's part -> flat {source key: numpy array}."""
-    state = {}
+    state, slices = {}, {}
     for collection, tree in variables.items():
       for path, array in flax.traverse_util.flatten_dict(tree).items():
         array = np.asarray(array)
         key = self.source_key(collection, path)
         array = kernel_to_torch(array) if path[-1] == 'kernel' else array
-        state[key] = self.to_torch(key, array)
+        if isinstance(key, Packed):
+          slices.setdefault(key.key, [None] * key.count)[key.index] = array
+        else:
+          state[key] = self.to_torch(key, array)
+    for key, parts in slices.items():
+      state[key] = self.to_torch(key, np.concatenate(parts, axis=0))
     return state
 
   def expected_shapes(self, like):
@@ -170,6 +194,8 @@ class Table:
         key = self.source_key(collection, path)
         dummy = np.empty(leaf.shape, np.uint8)  # shapes only, the layout rules need arrays
         dummy = kernel_to_torch(dummy) if path[-1] == 'kernel' else dummy
+        if isinstance(key, Packed):
+          key, dummy = key.key, np.empty((key.count * len(dummy), *dummy.shape[1:]), np.uint8)
         shapes[key] = tuple(self.to_torch(key, dummy).shape)
     return shapes
 
@@ -180,7 +206,12 @@ class Table:
       flat = {}
       for path, leaf in flax.traverse_util.flatten_dict(tree).items():
         key = self.source_key(collection, path)
-        array = np.asarray(state[key], np.float32)
+        if isinstance(key, Packed):
+          packed = np.asarray(state[key.key], np.float32)
+          size = len(packed) // key.count
+          key, array = key.key, packed[key.index * size:(key.index + 1) * size]
+        else:
+          array = np.asarray(state[key], np.float32)
         if path[-1] == 'kernel' and len(leaf.shape) == 4 and self.input_channels_differ(
             key, array.shape, (leaf.shape[3], leaf.shape[2], *leaf.shape[:2])):
           array = adapt_input_channels(array, leaf.shape[2])

@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.models.attention import Attention, DropPath, Mlp, dense_init, drop_path_rates
 from segjax.models.layers import Conv, ConvBNReLU
 
 SIZES = {  # size -> (width D, depth, heads)
@@ -73,11 +74,7 @@ SIZES = {  # size -> (width D, depth, heads)
 PATCH_SIZES = (8, 16)
 STEMS = ('patch', 'conv')
 STYLES = ('timm', 'mmseg')
-MLP_RATIO = 4
 EPSILON = 1e-6  # timm's LayerNorm epsilon for ViT
-
-dense_init = nn.initializers.truncated_normal(0.02)  # std 0.02, as timm initialises Linear
-
 
 def check_config(size, patch_size, pretrained_image_size=224, depth=0, stem='patch',
                  stem_convs_per_stage=1):
@@ -102,11 +99,6 @@ def check_config(size, patch_size, pretrained_image_size=224, depth=0, stem='pat
   if int(depth) != depth or depth < 0:
     raise ValueError(f'ViT depth must be 0 (the size\'s {SIZES[size][1]} blocks) or a '
                      f'positive number of blocks, got {depth!r}')
-
-
-def drop_path_rates(rate, depth):
-  """Stochastic depth rate of each block: linear from 0 to `rate` (timm's rule)."""
-  return tuple(float(r) for r in np.linspace(0.0, rate, depth))
 
 
 def _torch_cubic(x, a=-0.75):
@@ -157,64 +149,6 @@ def resample_pos_embed(pos_embed, grid, method='timm'):
   return jnp.concatenate([cls_embed, grid_embed], axis=1)
 
 
-class DropPath(nn.Module):
-  """Stochastic depth: zeroes a residual branch [B, ...] per example with probability `rate`,
-  scaling kept ones by 1 / (1 - rate); identity unless training with `rate` > 0.
-  """
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, *, train):
-    if not train or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention with timm's fused qkv. [B, N, D] -> [B, N, D]."""
-  num_heads: int
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, train):
-    batch, length, dim = x.shape
-    head_dim = dim // self.num_heads
-    dense = functools.partial(nn.Dense, kernel_init=dense_init, dtype=self.dtype)
-    qkv = dense(3 * dim, name='qkv')(x).reshape(batch, length, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim ** -0.5, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, length, dim)
-    out = dense(dim, name='proj')(out)
-    return nn.Dropout(self.dropout, deterministic=not train)(out)
-
-
-def gelu(x):
-  """Exact GELU, x * Phi(x), in PyTorch's erf form: flax's `nn.gelu(approximate=False)` uses
-  erfc, whose exp and branches XLA:CPU evaluates about twice as slowly; the two differ by
-  float rounding (the erf form loses relative accuracy only where GELU is below 1e-7)."""
-  return x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype))) / 2
-
-
-class Mlp(nn.Module):
-  """fc1 (MLP_RATIO x wider), exact GELU, dropout, fc2, dropout. [B, N, D] -> [B, N, D]."""
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, train):
-    dim = x.shape[-1]
-    dense = functools.partial(nn.Dense, kernel_init=dense_init, dtype=self.dtype)
-    x = gelu(dense(MLP_RATIO * dim, name='fc1')(x))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = dense(dim, name='fc2')(x)
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
-
-
 class Block(nn.Module):
   """Pre-norm transformer block (timm's `Block`). [B, N, D] -> [B, N, D].
 
@@ -233,7 +167,7 @@ class Block(nn.Module):
     y = Attention(self.num_heads, self.dropout, self.dtype, name='attn')(
         norm(name='norm1')(x), train=train)
     x = x + DropPath(self.drop_path)(y, train=train)
-    y = Mlp(self.dropout, self.dtype, name='mlp')(norm(name='norm2')(x), train=train)
+    y = Mlp(dropout=self.dropout, dtype=self.dtype, name='mlp')(norm(name='norm2')(x), train=train)
     return x + DropPath(self.drop_path)(y, train=train)
 
 
