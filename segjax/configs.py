@@ -25,6 +25,11 @@ from segjax.models.backbones import resnet
 from segjax.errors import ConfigError
 
 
+# ImageNet statistics of images in [0, 1] (torchvision's; mmseg's 123.675, ... over 255).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def base_config():
   """Fields every experiment has; defaults train on the embedded shapes dataset."""
   config = ml_collections.ConfigDict()
@@ -105,6 +110,16 @@ def base_config():
   config.optimizer.nesterov = False  # sgd
   config.optimizer.b1 = 0.9  # adam, adamw
   config.optimizer.b2 = 0.999
+  # Weight decay applies to 'kernels' (ndim > 1: not biases, norm scales) or to 'all' (mmengine).
+  config.optimizer.decay = 'kernels'
+  # Parameter groups, mmengine's paramwise_cfg custom_keys: ((regex, lr_mult, decay_mult), ...);
+  # the first regex found in a parameter's '/'-joined flax path ('decoder/classifier/kernel')
+  # scales its learning rate and weight decay; unmatched parameters get (1.0, 1.0).
+  config.optimizer.param_groups = ()
+  # Layer-wise learning-rate decay (BEiT, ConvNeXt; mmseg's LearningRateDecayOptimizerConstructor):
+  # layer l of the model's `layer_id` trains at rate ** (layer_decay_layers + 1 - l); 0: off.
+  config.optimizer.layer_decay = 0.0
+  config.optimizer.layer_decay_layers = 12
   config.schedule = 'cosine'
   config.warmup_steps = 100
   config.poly_power = 0.9
@@ -431,6 +446,16 @@ def validate(config):
   _require(config.optimizer.name in optim.OPTIMIZERS,
            f'unknown optimizer.name {config.optimizer.name!r}; valid: '
            f'{", ".join(optim.OPTIMIZERS)}')
+  _require(config.optimizer.decay in optim.DECAYS,
+           f'unknown optimizer.decay {config.optimizer.decay!r}; valid: '
+           f'{", ".join(optim.DECAYS)}')
+  optim.check_param_groups(config.optimizer.param_groups)
+  _require(0 <= config.optimizer.layer_decay <= 1 and config.optimizer.layer_decay_layers >= 1,
+           'optimizer.layer_decay must be in [0, 1] (0: off) and optimizer.layer_decay_layers '
+           f'>= 1, got {config.optimizer.layer_decay} and '
+           f'{config.optimizer.layer_decay_layers}')
+  if config.optimizer.layer_decay:
+    optim.parameter_labels(config)  # the model must number its layers
   _require(config.schedule in optim.SCHEDULES,
            f'unknown schedule {config.schedule!r}; valid: {", ".join(optim.SCHEDULES)}')
   for field in ('total_steps', 'batch_size', 'eval_batch_size', 'eval_every',

@@ -1,4 +1,7 @@
 """Optax optimizer and learning-rate schedule built from the config."""
+import importlib
+import re
+
 import jax
 import optax
 
@@ -6,6 +9,7 @@ from segjax.errors import ConfigError
 
 SCHEDULES = ('constant', 'poly', 'cosine')
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
+DECAYS = ('kernels', 'all')
 
 
 def learning_rate_schedule(config):
@@ -37,27 +41,107 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(config):
-  """The optax transformation of `config.optimizer.name`, with clipping and weight decay.
+def _path_name(path):
+  """A flax parameter path as 'backbone/stages_0/blocks_1/attn/query/kernel'."""
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def _layer_id_function(config):
+  """The model module's `layer_id(path, num_layers)` for layer-wise learning-rate decay."""
+  module = importlib.import_module(f'segjax.models.{config.model.name}')
+  if not hasattr(module, 'layer_id'):
+    raise ConfigError(f'optimizer.layer_decay needs a model that numbers its layers; model '
+                      f'{config.model.name!r} does not (segjax.models.{config.model.name} has '
+                      'no layer_id); set optimizer.layer_decay=0')
+  return module.layer_id
+
+
+def check_param_groups(param_groups):
+  """Raises ConfigError unless `param_groups` is ((regex, lr_mult, decay_mult), ...)."""
+  for group in param_groups:
+    if (len(group) != 3 or not isinstance(group[0], str)
+        or not all(isinstance(m, (int, float)) and m >= 0 for m in group[1:])):
+      raise ConfigError(f'optimizer.param_groups entries must be (regex, lr_mult, decay_mult) '
+                        f'with non-negative multipliers, got {group!r}')
+    try:
+      re.compile(group[0])
+    except re.error as e:
+      raise ConfigError(f'optimizer.param_groups pattern {group[0]!r} is not a regex: {e}') \
+          from e
+
+
+def parameter_labels(config):
+  """params -> a tree of labels 'group{g}_layer{l}': g indexes `optimizer.param_groups` (the
+  first whose regex matches the parameter's path, -1 for none), l the layer id of layer-wise
+  decay (0 without it)."""
+  groups = [re.compile(pattern) for pattern, _, _ in config.optimizer.param_groups]
+  layer_id = _layer_id_function(config) if config.optimizer.layer_decay else None
+  num_layers = config.optimizer.layer_decay_layers
+
+  def label(path, _):
+    name = _path_name(path)
+    group = next((i for i, regex in enumerate(groups) if regex.search(name)), -1)
+    layer = layer_id(tuple(name.split('/')), num_layers) if layer_id else 0
+    return f'group{group}_layer{layer}'
+
+  return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
+def _group_multipliers(config):
+  """{label: (lr_mult, decay_mult)} for every label `parameter_labels` can give. Layer-wise
+  decay scales layer l's rate by rate ** (num_layers + 1 - l), l in [0, num_layers + 1]
+  (mmsegmentation's LearningRateDecayOptimizerConstructor)."""
+  groups = [(1.0, 1.0)] + [(lr, decay) for _, lr, decay in config.optimizer.param_groups]
+  rate, num_layers = config.optimizer.layer_decay, config.optimizer.layer_decay_layers
+  layers = range(num_layers + 2) if rate else (0,)
+  return {f'group{g}_layer{layer}': (lr * (rate ** (num_layers + 1 - layer) if rate else 1.0),
+                                     decay)
+          for g, (lr, decay) in enumerate(groups, start=-1) for layer in layers}
+
+
+def _base_optimizer(config, schedule, decay, mask):
+  """The optax transformation of `config.optimizer.name` at learning rate `schedule`.
 
   'sgd' and 'adam' add coupled L2 weight decay to the gradient (as PyTorch's
   `weight_decay`); 'adamw' decays decoupled from the adaptive step (Loshchilov & Hutter).
   """
-  name = config.optimizer.name
-  schedule = learning_rate_schedule(config)
-  decay = config.weight_decay
+  name, opt = config.optimizer.name, config.optimizer
   if name == 'sgd':
-    parts = [optax.add_decayed_weights(decay, _decay_mask),
-             optax.sgd(schedule, momentum=config.optimizer.momentum,
-                       nesterov=config.optimizer.nesterov)]
-  elif name == 'adam':
-    parts = [optax.add_decayed_weights(decay, _decay_mask),
-             optax.adam(schedule, b1=config.optimizer.b1, b2=config.optimizer.b2)]
-  elif name == 'adamw':
-    parts = [optax.adamw(schedule, b1=config.optimizer.b1, b2=config.optimizer.b2,
-                         weight_decay=decay, mask=_decay_mask)]
+    return optax.chain(optax.add_decayed_weights(decay, mask),
+                       optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov))
+  if name == 'adam':
+    return optax.chain(optax.add_decayed_weights(decay, mask),
+                       optax.adam(schedule, b1=opt.b1, b2=opt.b2))
+  if name == 'adamw':
+    return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=decay, mask=mask)
+  raise ConfigError(f'unknown optimizer.name {name!r}; valid: {", ".join(OPTIMIZERS)}')
+
+
+def create_optimizer(config):
+  """The optax transformation of `config.optimizer`, with clipping and weight decay.
+
+  Weight decay applies to kernels only (`optimizer.decay='kernels'`) or to every parameter
+  ('all', as mmengine's optimizers). Parameter groups (`optimizer.param_groups`, mmengine's
+  paramwise_cfg custom_keys: the first regex found in a parameter's '/'-joined flax path
+  gives its learning-rate and weight-decay multipliers) and layer-wise learning-rate decay
+  (`optimizer.layer_decay`, the model's `layer_id`) run one optimizer per group through
+  `optax.multi_transform`.
+  """
+  check_param_groups(config.optimizer.param_groups)
+  if config.optimizer.decay not in DECAYS:
+    raise ConfigError(f'unknown optimizer.decay {config.optimizer.decay!r}; valid: '
+                      f'{", ".join(DECAYS)}')
+  schedule = learning_rate_schedule(config)
+  mask = _decay_mask if config.optimizer.decay == 'kernels' else None
+  if not config.optimizer.param_groups and not config.optimizer.layer_decay:
+    tx = _base_optimizer(config, schedule, config.weight_decay, mask)
   else:
-    raise ConfigError(f'unknown optimizer.name {name!r}; valid: {", ".join(OPTIMIZERS)}')
+    def scaled(lr_mult):
+      return lambda step: lr_mult * schedule(step)
+    tx = optax.multi_transform(
+        {label: _base_optimizer(config, scaled(lr_mult), config.weight_decay * decay_mult, mask)
+         for label, (lr_mult, decay_mult) in _group_multipliers(config).items()},
+        parameter_labels(config))
   if config.grad_clip_norm:
-    parts.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
-  return optax.chain(*parts)
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
