@@ -8,8 +8,9 @@
 Arguments after the colon: `variant` (v3 | v3plus), `backbone` (resnet18/34/50/101),
 `output_stride` (8 | 16), `width` (ResNet base width; 64 as published), `head` (paper |
 torchvision | mmseg), `stem` (torchvision | deep), `aux_head`, `dataset` (shapes | voc (the
-DeepLab papers' recipe) | voc_mmseg | cityscapes | ade20k (mmseg's) | voc_torchvision), or
-one of the RECIPES names below.
+DeepLab papers' recipe) | voc_mmseg | cityscapes | ade20k (mmseg's) | coco_voc
+(torchvision's, on its COCO subset with VOC's classes) | voc_torchvision (the same recipe on
+VOC 2012)), or one of the RECIPES names below.
 
 `dataset=shapes` (default) is sized for a 2-core CPU: ResNet-18 at a quarter of the
 published width, 64x64 crops, narrow heads, Adam; it reaches about 0.8 validation mIoU in
@@ -34,10 +35,13 @@ and see docs/model_zoo.md for the parity measured against the reference code):
       torchvision's `deeplabv3_resnet50/101(weights='COCO_WITH_VOC_LABELS_V1')`, files
       deeplabv3_resnet50_coco-cd0a2569.pth / deeplabv3_resnet101_coco-586e9e4e.pth
       (download.pytorch.org/models/): 66.4 / 67.4 mIoU on torchvision's COCO val2017 subset
-      with VOC's 21 classes, which segjax cannot read: evaluate on VOC 2012 val (`voc`),
-      a different number. DeepLabHead (ASPP 12/24/36 at OS8, dropout 0.5, a 3x3
-      conv-BN-ReLU before the classifier), auxiliary FCN head; protocol: short side resized
-      to 520 (PIL bilinear; labels nearest), whole image, no padding.
+      with VOC's 21 classes. The recipes use that dataset (`coco_voc`, from COCO's own
+      files; segjax/data/coco_voc.py), so `--mode eval` measures the published setting and
+      training is on torchvision's COCO train2017 subset; on VOC 2012 (the same
+      recipe with `--config.dataset.name=voc`, or dataset=voc_torchvision) the number is
+      another one. DeepLabHead (ASPP 12/24/36 at OS8, dropout 0.5, a 3x3 conv-BN-ReLU
+      before the classifier), auxiliary FCN head; protocol: short side resized to 520 (PIL
+      bilinear; labels nearest), whole image, no padding.
   mmseg_deeplabv3plus_r50_d8_cityscapes, mmseg_deeplabv3plus_r101_d8_cityscapes,
   mmseg_deeplabv3plus_r50_d8_ade20k, mmseg_deeplabv3plus_r101_d8_ade20k,
   mmseg_deeplabv3plus_r50_d8_voc, mmseg_deeplabv3plus_r101_d8_voc,
@@ -69,7 +73,7 @@ RECIPES = {
     'v3plus_r101_os16_voc': 'variant=v3plus,backbone=resnet101,output_stride=16,dataset=voc',
 }
 # Published checkpoints: recipe name -> (variant, checkpoint file, single-scale mIoU).
-_TORCHVISION = 'variant=v3,head=torchvision,output_stride=8,aux_head=True,dataset=voc_torchvision'
+_TORCHVISION = 'variant=v3,head=torchvision,output_stride=8,aux_head=True,dataset=coco_voc'
 _MMSEG_MODEL = 'head=mmseg,stem=deep,output_stride=8,aux_head=True'
 CHECKPOINTS = {
     'torchvision_deeplabv3_resnet50': (f'{_TORCHVISION},backbone=resnet50',
@@ -110,9 +114,6 @@ for (_variant, _depth, _data), (_file, _miou) in _MMSEG_FILES.items():
                         f'dataset={_MMSEG_DATASET_RECIPES[_data]}', _file, _miou)
 RECIPES.update({name: arg for name, (arg, _, _) in CHECKPOINTS.items()})
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 # Training recipe per dataset: crop, global batch, steps, base LR, weight decay, end LR, and
 # the model and dataset fields that differ from the DeepLab papers'.
 _PAPER_VOC = dict(name='voc', crop=513, batch=16, steps=30_000, lr=0.007, wd=1e-4, end_lr=0.0)
@@ -127,6 +128,14 @@ def _mmseg_evaluation(scale):
   return dict(resize='fit', resize_scale=scale, pad=False)
 
 
+# torchvision's references/segmentation: batch 32 (8 GPUs x 4), 30 epochs of its COCO subset
+# (~92k images: ~87k steps), lr 0.02, weight decay 1e-4, crop 480 after a random resize of
+# the short side to 260-1040 (base 520), aux loss weight 0.5; evaluated with the short side
+# resized to 520, whole images, unpadded.
+_TORCHVISION_RECIPE = dict(
+    crop=480, batch=32, steps=86_730, lr=0.02, wd=1e-4, end_lr=0.0, aux_weight=0.5,
+    model=dict(multi_grid=(1, 1, 1), contract_dilation=True, dropout=0.5),
+    evaluation=dict(resize='short_side', resize_scale=520, pad=False))
 _MMSEG = dict(lr=0.01, wd=5e-4, end_lr=1e-4, data=_MMSEG_AUGMENT,
               model=dict(multi_grid=(1, 1, 1), contract_dilation=True, aspp_features=512,
                          decoder_features=512),
@@ -140,15 +149,9 @@ DATASET_RECIPES = {
                              **{**_MMSEG, 'data': {**_MMSEG_AUGMENT, 'base_size': (2048, 1024)},
                                 'evaluation': _mmseg_evaluation((2048, 1024))}),
     'ade20k': dict(name='ade20k', crop=512, batch=16, steps=160_000, **_MMSEG),
-    # torchvision's references/segmentation: batch 32 (8 GPUs x 4), 30 epochs of its COCO
-    # subset (~92k images: ~87k steps), lr 0.02, weight decay 1e-4, crop 480 after a random
-    # resize of the short side to 260-1040 (base 520), aux loss weight 0.5; evaluated with the
-    # short side resized to 520, whole images.
-    'voc_torchvision': dict(
-        name='voc', crop=480, batch=32, steps=86_730, lr=0.02, wd=1e-4, end_lr=0.0,
-        aux_weight=0.5,
-        model=dict(multi_grid=(1, 1, 1), contract_dilation=True, dropout=0.5),
-        evaluation=dict(resize='short_side', resize_scale=520, pad=False)),
+    # torchvision's references/segmentation on its COCO subset, and the same on VOC 2012.
+    'coco_voc': dict(name='coco_voc', **_TORCHVISION_RECIPE),
+    'voc_torchvision': dict(name='voc', **_TORCHVISION_RECIPE),
 }
 
 
@@ -167,7 +170,7 @@ def _published_recipe(config, recipe):
   config.dataset.name = recipe['name']
   config.dataset.image_size = recipe['crop']
   config.dataset.min_scale, config.dataset.max_scale = 0.5, 2.0
-  config.dataset.mean, config.dataset.std = IMAGENET_MEAN, IMAGENET_STD
+  config.dataset.mean, config.dataset.std = configs.IMAGENET_MEAN, configs.IMAGENET_STD
   config.dataset.update(recipe.get('data', {}))
   config.evaluation.update(recipe.get('evaluation', {}))
   config.loss.aux_weight = recipe.get('aux_weight', config.loss.aux_weight)

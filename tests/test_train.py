@@ -109,7 +109,7 @@ def test_weight_decay_skips_biases_and_norm_scales():
     ('optimizer.name', 'lamb', "unknown optimizer.name 'lamb'; valid: sgd, adam, adamw"),
     ('schedule', 'step', "unknown schedule 'step'"),
     ('model.name', 'nope', "unknown model.name 'nope'; valid names: cnn, deeplab, .*unet"),
-    ('dataset.name', 'nope', "unknown dataset.name 'nope'; valid names: ade20k, cityscapes, folder, pets, shapes, voc"),
+    ('dataset.name', 'nope', "unknown dataset.name 'nope'; valid names: ade20k, cityscapes, coco_voc, folder, pets, shapes, voc"),
     ('batch_size', 0, 'batch_size must be positive'),
     ('loss.class_weights', (1.0, 2.0), 'loss.class_weights has 2 values'),
 ])

@@ -4,6 +4,7 @@
   shapes      the embedded, generated default (segjax/data/shapes.py)
   folder      the user's own image and mask directories (folder.py)
   voc         Pascal VOC 2012 + SBD train_aug (voc.py)
+  coco_voc    COCO 2017 with VOC's 21 classes, torchvision's segmentation set (coco_voc.py)
   cityscapes  Cityscapes fine, 19 trainIds (cityscapes.py)
   ade20k      ADE20K as ADEChallengeData2016, 150 classes (ade20k.py)
   pets        Oxford-IIIT Pet trimaps (pets.py)
@@ -16,6 +17,7 @@ from typing import Callable, Optional
 
 from segjax.data import ade20k
 from segjax.data import cityscapes
+from segjax.data import coco_voc
 from segjax.data import folder
 from segjax.data import pets
 from segjax.data import shapes
@@ -89,6 +91,11 @@ def _voc_spec(dataset_config):
   return DatasetSpec('voc', voc.CLASS_NAMES, voc.IGNORE_LABEL, voc.load)
 
 
+def _coco_voc_spec(dataset_config):
+  del dataset_config  # no dataset-specific fields
+  return DatasetSpec('coco_voc', coco_voc.CLASS_NAMES, coco_voc.IGNORE_LABEL, coco_voc.load)
+
+
 def _cityscapes_spec(dataset_config):
   del dataset_config  # no dataset-specific fields
   return DatasetSpec('cityscapes', cityscapes.CLASS_NAMES, cityscapes.IGNORE_LABEL,
@@ -114,6 +121,7 @@ DATASETS = {
     'shapes': _shapes_spec,
     'folder': _folder_spec,
     'voc': _voc_spec,
+    'coco_voc': _coco_voc_spec,
     'cityscapes': _cityscapes_spec,
     'ade20k': _ade20k_spec,
     'pets': _pets_spec,
