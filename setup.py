@@ -27,15 +27,17 @@ setuptools.setup(
         'scipy>=1.11,<2',  # reading SBD's .mat labels
         'matplotlib>=3.8,<4',  # the confusion-matrix plot of evaluation reports
         'tifffile>=2023.1,<2028',  # multi-channel TIFF images in folder datasets
+        'pycocotools>=2.0.8,<2.1',  # COCO's polygons and RLE -> masks (dataset coco_voc)
     ],
     extras_require={
-        # PyTorch reads .pth weights; it and mmsegmentation's model code (on mmcv-lite, no
-        # compiled ops; ftfy and regex for its tokenizer import) are the references of the
-        # weight-parity tests (tests/references.py). This exact torch is a small CPU build
+        # PyTorch reads .pth weights; it, mmsegmentation's model code (on mmcv-lite, no
+        # compiled ops; ftfy and regex for its tokenizer import) and Hugging Face
+        # transformers' are the references of the weight-parity tests (tests/references.py). This exact torch is a small CPU build
         # where CI runs (a range would pull a CUDA one). torchvision 0.28.0 is installed
         # with --no-deps (README): its declared torch pin would pull the CUDA build.
         'test': ['pytest>=8,<10', 'torch==2.13.0', 'hypothesis>=6.100,<7',
                  'mmcv-lite==2.1.0', 'mmengine>=0.10.4,<0.11', 'mmsegmentation==1.2.2',
-                 'ftfy>=6.1,<7', 'regex>=2023.1'],
+                 'mmpretrain==1.2.0',  # the ConvNeXt of mmseg's UPerNet configs
+                 'ftfy>=6.1,<7', 'regex>=2023.1', 'transformers>=5.25,<6'],
     },
 )

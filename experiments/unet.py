@@ -2,16 +2,25 @@
 
   python launch.py --config experiments/unet.py
   python launch.py --config experiments/unet.py:depth=4,features=32 --workdir runs/unet_wide
+  python launch.py --config experiments/unet.py:encoder=mit_b0,features=32 \
+      --config.init_from=/weights/mit-b0/model.safetensors
 
-Variants (after the colon): depth (poolings), features (first-level width).
+Variants (after the colon): depth (poolings), features (first-level width; with a published
+encoder, the decoder's width unit: 32 gives smp's 256-16 blocks), encoder ('' for the
+paper's, or 'mit_b0'..'mit_b5': SegFormer's MiT, whose ImageNet weights, Hugging Face
+nvidia/mit-b* or mmseg's mit_b*.pth, load with --config.init_from; ImageNet normalisation is
+then set).
 """
 from segjax import configs
 
 
 def get_config(arg=None):
-  variant = configs.parse_arg(arg, depth=3, features=16)
+  variant = configs.parse_arg(arg, depth=3, features=16, encoder='')
   config = configs.base_config()
   config.model.name = 'unet'
   config.model.depth = variant.depth
   config.model.features = variant.features
+  config.model.encoder = variant.encoder
+  if variant.encoder:
+    config.dataset.mean, config.dataset.std = configs.IMAGENET_MEAN, configs.IMAGENET_STD
   return config

@@ -7,6 +7,7 @@ a stub module stands in and raises only when an op is used) and Hugging Face tra
 Each `import_*` skips the calling test when the package is not installed.
 """
 import importlib.machinery
+import importlib.util
 import os
 import sys
 import types
@@ -113,3 +114,12 @@ def randomize_batch_norm(module, seed=0):
         layer.running_mean.copy_(0.2 * torch.randn(count, generator=generator))
         layer.running_var.copy_(0.5 + torch.rand(count, generator=generator))
   return module
+
+
+def import_transformers():
+  """Hugging Face transformers (its PyTorch models, built from a config without the hub). It
+  imports torchvision when installed, so that goes through `import_torchvision` first."""
+  import_torch()
+  if importlib.util.find_spec('torchvision'):
+    import_torchvision()
+  return pytest.importorskip('transformers')

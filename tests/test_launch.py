@@ -86,7 +86,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--config.model.name=segformer'], "error: unknown model.name 'segformer'; valid names"),
+    (['--config.model.name=mask2former'], "error: unknown model.name 'mask2former'; valid names"),
     (['--config.optimizer.name=lamb'], "error: unknown optimizer.name 'lamb'"),
     (['--config.batch_size=0'], 'error: batch_size must be positive'),
     (['--workdir=/proc/segjax'], "error: workdir '/proc/segjax' is not writable"),

@@ -40,7 +40,7 @@ def test_unet_depth_and_width_set_the_architecture():
 
 
 def test_unknown_model_name_and_field_are_refused_with_the_valid_ones():
-  with pytest.raises(ConfigError, match=r"unknown model.name 'segformer'.*cnn.*unet"):
-    models.get_model(ml_collections.ConfigDict({'name': 'segformer'}), num_classes=2)
+  with pytest.raises(ConfigError, match=r"unknown model.name 'mask2former'.*cnn.*unet"):
+    models.get_model(ml_collections.ConfigDict({'name': 'mask2former'}), num_classes=2)
   with pytest.raises(ConfigError, match=r"no field\(s\) \['widht'\].*'features'"):
     models.get_model(ml_collections.ConfigDict({'name': 'unet', 'widht': 3}), num_classes=2)

@@ -9,6 +9,7 @@ output stride): relative max difference (max |ours - theirs| / max |theirs|) < 1
 import functools
 import importlib.util
 import os
+import re
 
 import jax
 import numpy as np
@@ -64,8 +65,10 @@ def assert_same_logits(model, variables, reference, num_classes):
 def torchvision_model(builder, num_classes=21, seed=0):
   segmentation = references.import_torchvision().models.segmentation
   torch.manual_seed(seed)
+  # LR-ASPP has no auxiliary head (its builder refuses aux_loss=True).
+  aux = {} if builder.startswith('lraspp') else {'aux_loss': True}
   model = getattr(segmentation, builder)(weights=None, weights_backbone=None,
-                                         num_classes=num_classes, aux_loss=True)
+                                         num_classes=num_classes, **aux)
   return references.randomize_batch_norm(model, seed).eval()
 
 
@@ -77,17 +80,127 @@ def mmseg_logits(model):
   return infer
 
 
+def hf_segformer(size, num_classes=150, seed=0):
+  """transformers' SegformerForSemanticSegmentation of MiT `size` (random weights and BatchNorm
+  statistics) -> (model, num_classes, NCHW images -> NCHW logits at the input size, as
+  the image processor's post-processing upsamples them)."""
+  transformers = references.import_transformers()
+  from segjax.models import segformer  # pylint: disable=g-import-not-at-top
+  from segjax.models.backbones import mit  # pylint: disable=g-import-not-at-top
+  widths, depths = mit.SIZES[size]
+  config = transformers.SegformerConfig(
+      depths=list(depths), hidden_sizes=list(widths), num_labels=num_classes,
+      decoder_hidden_size=segformer.decoder_channels(size))
+  torch.manual_seed(seed)
+  model = references.randomize_batch_norm(
+      transformers.SegformerForSemanticSegmentation(config), seed).eval()
+
+  def infer(images):
+    logits = model(pixel_values=images).logits
+    return torch.nn.functional.interpolate(logits, size=images.shape[2:], mode='bilinear',
+                                           align_corners=False)
+  return model, num_classes, infer
+
+
+def randomize_transformer_weights(module, seed=0):
+  """`references.randomize_batch_norm`, and random LayerNorm affines, layer scales (ConvNeXt's
+  start at 1e-6) and relative position bias tables (mmseg's start at zero): parameters left
+  at a constant would hide a permuted or misnamed tensor."""
+  references.randomize_batch_norm(module, seed)
+  generator = torch.Generator().manual_seed(seed)
+  randn = lambda p: torch.randn(p.shape, generator=generator)
+  with torch.no_grad():
+    for layer in module.modules():
+      if isinstance(layer, torch.nn.LayerNorm):
+        layer.weight.copy_(1 + 0.2 * randn(layer.weight))
+        layer.bias.copy_(0.2 * randn(layer.bias))
+    for name, parameter in module.named_parameters():
+      if name.endswith(('relative_position_bias_table', 'layer_scale_parameter', '.gamma')):
+        parameter.copy_(randn(parameter))
+  return module
+
+
+def hf_upernet(backbone, num_classes=150, seed=0, depths=()):
+  """transformers' UperNetForSemanticSegmentation on `backbone` ('convnext-tiny', 'swin-base':
+  the hub's configs, window 12 for Swin-B; `depths` other blocks per stage), random weights
+  (`randomize_transformer_weights`) -> (model, num_classes, NCHW images -> NCHW logits)."""
+  transformers = references.import_transformers()
+  from segjax.models.backbones import convnext, swin  # pylint: disable=g-import-not-at-top
+  family, size = backbone.split('-')
+  stages = ['stage1', 'stage2', 'stage3', 'stage4']
+  if family == 'convnext':
+    widths, size_depths = convnext.SIZES[size]
+    config = transformers.ConvNextConfig(depths=list(depths or size_depths),
+                                         hidden_sizes=list(widths), out_features=stages)
+  else:
+    width, size_depths = swin.SIZES[size]
+    config = transformers.SwinConfig(
+        embed_dim=width, depths=list(depths or size_depths),
+        num_heads=[width * 2**i // swin.HEAD_DIM for i in range(4)],
+        window_size=12 if size == 'base' else 7, out_features=stages)
+  torch.manual_seed(seed)
+  model = transformers.UperNetForSemanticSegmentation(
+      transformers.UperNetConfig(backbone_config=config, num_labels=num_classes))
+  model = randomize_transformer_weights(model, seed).eval()
+  return model, num_classes, lambda images: model(pixel_values=images).logits
+
+
+def mmseg_upernet(config_name, seed=0, depths=()):
+  """mmseg's UPerNet of config `config_name` (`depths`: other blocks per stage), random
+  weights (`randomize_transformer_weights`), in eval mode."""
+  references.import_torchvision()  # before mmpretrain (mmseg's ConvNeXt), which imports it
+  models_registry, _ = references.import_mmseg()
+  # With pycocotools installed mmpretrain imports its multimodal models, which need
+  # transformers 4 (BertPreTrainedModel): its ConvNeXt needs none of them.
+  from mmpretrain.utils import dependency  # pylint: disable=g-import-not-at-top
+  dependency.WITH_MULTIMODAL = False
+  config = references.mmseg_config(config_name)
+  if depths and config.model.backbone.type == 'SwinTransformer':
+    config.model.backbone.depths = list(depths)
+  elif depths:
+    from segjax.models.backbones import convnext  # pylint: disable=g-import-not-at-top
+    size = config.model.backbone.arch
+    config.model.backbone.arch = dict(depths=list(depths), channels=list(convnext.SIZES[size][0]))
+  torch.manual_seed(seed)
+  model = models_registry.build(config.model)
+  return randomize_transformer_weights(model, seed).eval()
+
+
+HF_REFERENCES = {'segformer': hf_segformer, 'upernet': hf_upernet}  # family -> builder
+
+
 _MMSEG_SCHEDULES = {'cityscapes': '4xb2-80k_cityscapes-512x1024',
                     'ade20k': '4xb4-160k_ade20k-512x512', 'voc': '4xb4-40k_voc12aug-512x512'}
 _MMSEG_FCN_SCHEDULES = {**_MMSEG_SCHEDULES, 'ade20k': '4xb4-80k_ade20k-512x512',
                         'voc': '4xb4-20k_voc12aug-512x512'}
 
 
+_MMSEG_SEGFORMER = {'ade': '8xb2-160k_ade20k-512x512', 'ade_640': '8xb2-160k_ade20k-640x640',
+                    'cityscapes': '8xb1-160k_cityscapes-1024x1024'}
+_MMSEG_UPERNET = {
+    **{f'convnext_{size}': f'convnext/convnext-{size}_upernet_8xb2-amp-160k_ade20k-512x512.py'
+       for size in ('tiny', 'small', 'base')},
+    **{f'swin_{size}': f'swin/swin-{size}-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+       for size in ('tiny', 'small', 'base')},
+    'swin_base_w12_in22k':
+        'swin/swin-base-patch4-window12-in22k-384x384-pre_upernet_8xb2-160k_ade20k-512x512.py',
+}
+
+
 def reference_of(recipe):
-  """('torchvision', builder) or ('mmseg', config file) of a published-checkpoint recipe."""
+  """('torchvision', builder), ('hf', family and size, e.g. 'segformer_b0') or ('mmseg',
+  config file) of a published-checkpoint recipe."""
   source, _, rest = recipe.partition('_')
   if source == 'torchvision':
     return source, rest
+  if source == 'hf':  # hf_segformer_b0_ade -> segformer_b0, hf_upernet_swin_tiny_ade -> upernet_swin-tiny
+    family, *parts = rest.split('_')
+    return source, f'{family}_{"-".join(parts[:2]) if family == "upernet" else parts[0]}'
+  if rest.startswith('upernet_'):  # mmseg_upernet_convnext_tiny_ade, ..._swin_base_w12_in22k_ade
+    return source, _MMSEG_UPERNET[rest[len('upernet_'):-len('_ade')]]
+  if rest.startswith('segformer_'):  # mmseg_segformer_b0_ade, ..._b5_ade_640
+    _, size, dataset = rest.split('_', 2)
+    return source, f'segformer/segformer_mit-{size}_{_MMSEG_SEGFORMER[dataset]}.py'
   family, depth, _, dataset = rest.split('_')[:4]
   if family == 'segmenter':  # mmseg_segmenter_vit_{t,s,b,l}_mask_ade20k
     size = rest.split('_')[2]
@@ -104,12 +217,29 @@ def experiment_module(experiment):
   return module
 
 
-# One recipe per name table and source runs in the default suite, every other in `-m slow`.
+# One recipe per name table and source runs in the default suite, one per other distinct
+# model (recipes that differ in their data only share one) in `-m slow`. torchvision's LR-ASPP
+# runs in the default suite in tests/test_lraspp.py, which also compares its class maps.
 DEFAULT_SUITE = ('torchvision_fcn_resnet50', 'torchvision_deeplabv3_resnet50',
                  'mmseg_deeplabv3plus_r50_d8_cityscapes', 'mmseg_deeplabv3_r50_d8_ade20k',
-                 'mmseg_fcn_r50_d8_cityscapes', 'mmseg_segmenter_vit_t_mask_ade20k')
-CHECKPOINT_RECIPES = [(experiment, name) for experiment in ('fcn', 'deeplab', 'segmenter')
+                 'mmseg_fcn_r50_d8_cityscapes', 'mmseg_segmenter_vit_t_mask_ade20k',
+                 'hf_segformer_b0_ade', 'mmseg_segformer_b0_ade')
+CHECKPOINT_RECIPES = [(experiment, name)
+                      for experiment in ('fcn', 'deeplab', 'segmenter', 'segformer', 'lraspp',
+                                         'upernet')
                       for name in experiment_module(experiment).CHECKPOINTS]
+
+
+def distinct_models(recipes):
+  """The recipes of `recipes` with a model no recipe before them has (the same source and
+  model fields: class counts come from the reference)."""
+  seen, distinct = set(), []
+  for experiment, name in recipes:
+    key = (name.partition('_')[0], repr(sorted(recipe_config(experiment, name).model.items())))
+    if key not in seen or name in DEFAULT_SUITE:
+      seen.add(key)
+      distinct.append((experiment, name))
+  return distinct
 
 
 def test_every_published_checkpoint_recipe_has_a_reference():
@@ -118,6 +248,8 @@ def test_every_published_checkpoint_recipe_has_a_reference():
     if source == 'mmseg':
       _, config_dir = references.import_mmseg()
       assert os.path.isfile(os.path.join(config_dir, reference)), (name, reference)
+    elif source == 'hf':
+      assert reference.split('_')[0] in HF_REFERENCES, name
     else:
       assert hasattr(references.import_torchvision().models.segmentation, reference), name
   assert set(DEFAULT_SUITE) <= {name for _, name in CHECKPOINT_RECIPES}
@@ -125,25 +257,35 @@ def test_every_published_checkpoint_recipe_has_a_reference():
 
 @pytest.mark.parametrize('experiment,recipe', [
     pytest.param(experiment, name, marks=() if name in DEFAULT_SUITE else pytest.mark.slow)
-    for experiment, name in CHECKPOINT_RECIPES])
+    for experiment, name in distinct_models(CHECKPOINT_RECIPES)])
 def test_published_checkpoint_loads_whole_and_gives_the_reference_logits(experiment, recipe,
                                                                          tmp_path):
   source, name = reference_of(recipe)
   path = str(tmp_path / 'checkpoint.pth')
-  if source == 'torchvision':
+  if source == 'hf':
+    family, size = name.split('_')
+    reference, num_classes, infer = HF_REFERENCES[family](size)
+    reference.save_pretrained(str(tmp_path))  # the hub's file: model.safetensors
+    path = str(tmp_path / 'model.safetensors')
+  elif source == 'torchvision':
     num_classes = 21
     reference = torchvision_model(name)
     torch.save(reference.state_dict(), path)
     infer = lambda images: reference(images)['out']
   else:
-    reference = references.build_mmseg_model(name)
+    build = mmseg_upernet if experiment == 'upernet' else references.build_mmseg_model
+    reference = build(name)
     num_classes = reference.decode_head.num_classes
     torch.save({'state_dict': reference.state_dict(), 'meta': {}}, path)
     infer = mmseg_logits(reference)
   model = segjax_model(experiment, recipe, num_classes)
   variables, part, message = weights.load(path, model, abstract_variables(model))
   assert part == 'model' and 'loaded the whole model' in message, message
-  assert 'not used' not in message, message  # the auxiliary heads were loaded too
+  # The auxiliary heads were loaded too; Swin files hold only unused index buffers (and
+  # transformers 5's unused final norm) outside the model.
+  unused = message.partition('not used from the file: ')[2]
+  assert not unused or experiment == 'upernet' and re.fullmatch(r'backbone\.\* \(\d+\)', unused), \
+      message
   assert_same_logits(model, variables, infer, num_classes)
 
 

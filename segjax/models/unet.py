@@ -1,33 +1,60 @@
-"""U-Net (Ronneberger et al., 2015) with BatchNorm and 'same' padding.
+"""U-Net (Ronneberger et al., 2015) with BatchNorm and 'same' padding, on its own encoder or on
+a published hierarchical one.
 
-Encoder: `depth` levels of two 3x3 conv-BN-ReLU layers with `features * 2**level`
-channels, separated by 2x2 max pooling, then a bottleneck of the same kind. Decoder: at
-each level a 2x2 stride-2 transposed convolution halves the channels, its output is
-concatenated with the encoder's feature map of that level (the skip connection), and two
-3x3 conv-BN-ReLU layers follow. A 1x1 convolution gives the class scores. 'same' padding
-(instead of the paper's valid convolutions and cropping) keeps the output at input size;
-H and W must be divisible by 2**depth.
+The paper's encoder (`encoder=''`): `depth` levels of two 3x3 conv-BN-ReLU layers with
+`features * 2**level` channels, separated by 2x2 max pooling, then a bottleneck of the same
+kind. Decoder: at each level a 2x2 stride-2 transposed convolution halves the channels, its
+output is concatenated with the encoder's feature map of that level (the skip connection),
+and two 3x3 conv-BN-ReLU layers follow. A 1x1 convolution gives the class scores. 'same'
+padding (instead of the paper's valid convolutions and cropping) keeps the output at input
+size; H and W must be divisible by 2**depth.
+
+`encoder='mit_b0'` ... `'mit_b5'` puts the decoder on SegFormer's MiT (segjax/models/
+backbones/mit.py; its ImageNet weights load with `init_from`, Hugging Face nvidia/mit-b* or
+mmseg's mit_b*.pth), as segmentation_models_pytorch's Unet on its 'mit_b*' encoders: from
+the stride-32 map, each decoder block resizes bilinearly to the next encoder map (strides
+16, 8, 4), concatenates it and applies two 3x3 conv-BN-ReLU layers; two more blocks without
+skips reach strides 2 and 1. Block widths are `features` x 8, 4, 2, 1, 1/2 (smp's 256, 128,
+64, 32, 16 at features 32). Any H and W. `depth` does not apply.
 """
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.models.layers import Conv, ConvTranspose, DoubleConv, max_pool_2x2
+from segjax.models.backbones import mit
+from segjax.models.layers import Conv, ConvTranspose, DoubleConv, max_pool_2x2, resize_to
+
+ENCODERS = ('',) + tuple(f'mit_{size}' for size in mit.SIZES)
+_HIERARCHICAL_WIDTHS = (8, 4, 2, 1, 0.5)  # decoder block widths, in units of `features`
 
 
 class Model(nn.Module):
   num_classes: int
   features: int = 64  # the paper's first-level width
   depth: int = 4  # number of poolings (the paper: 4)
+  encoder: str = ''  # '' (the paper's) or 'mit_b0'..'mit_b5'
+  drop_path_rate: float = 0.0  # a transformer encoder's stochastic depth
   dtype: jnp.dtype = jnp.float32
+
+  def __post_init__(self):
+    if self.encoder not in ENCODERS:
+      raise ValueError(f"U-Net encoder must be '' (the paper's) or one of {ENCODERS[1:]}, got "
+                       f'{self.encoder!r}')
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, images, *, train):
     """images [B, H, W, C] -> logits [B, H, W, num_classes] (float32)."""
+    if self.encoder:
+      x = self._hierarchical(images, train)
+    else:
+      x = self._paper(images.astype(self.dtype), train)
+    return Conv(self.num_classes, (1, 1), dtype=self.dtype)(x).astype(jnp.float32)
+
+  def _paper(self, x, train):
     factor = 2 ** self.depth
-    if images.shape[1] % factor or images.shape[2] % factor:
+    if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f'U-Net of depth {self.depth} needs H and W divisible by {factor}, '
-                       f'got {images.shape[1:3]}')
-    x = images.astype(self.dtype)
+                       f'got {x.shape[1:3]}')
     skips = []
     for level in range(self.depth):
       x = DoubleConv(self.features * 2 ** level, dtype=self.dtype)(x, train=train)
@@ -39,5 +66,19 @@ class Model(nn.Module):
       x = ConvTranspose(width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
       x = DoubleConv(width, dtype=self.dtype)(x, train=train)
-    return Conv(self.num_classes, (1, 1), dtype=self.dtype)(x).astype(jnp.float32)
+    return x
 
+  def _hierarchical(self, images, train):
+    size = self.encoder[len('mit_'):]
+    features = mit.MiT(size, self.drop_path_rate, dtype=self.dtype, name='backbone')(
+        images, train=train)
+    x, skips = features[-1], features[-2::-1]  # stride 32; then strides 16, 8, 4
+    height, width = images.shape[1:3]
+    targets = [s.shape[1:3] for s in skips] + [(-(-height // 2), -(-width // 2)),
+                                               (height, width)]
+    for i, (target, scale) in enumerate(zip(targets, _HIERARCHICAL_WIDTHS)):
+      x = resize_to(x, *target)
+      if i < len(skips):
+        x = jnp.concatenate([x, skips[i]], axis=-1)
+      x = DoubleConv(int(self.features * scale), dtype=self.dtype)(x, train=train)
+    return x

@@ -4,9 +4,13 @@ mostly a name table from segjax's flax paths to the source's keys.
   reader       any weights file -> flat {key: float32 array} (.pth/.pt/.bin, .safetensors of
                any float dtype); mmseg's {'state_dict', 'meta'} and 'module.' unwrapped
   layout       `Table` (one source's names for a model or its backbone) and the layouts
-  torchvision  ResNet / VGG16 backbones; fcn_resnet50/101, deeplabv3_resnet50/101 whole
-  mmseg        ResNetV1c and ViT backbones; DeepLab v3 / v3+, FCN and Segmenter models whole
+  torchvision  ResNet / VGG16 / MobileNetV3 backbones; fcn_resnet50/101,
+               deeplabv3_resnet50/101 and lraspp_mobilenet_v3_large whole
+  mmseg        ResNetV1c, ViT and MiT backbones; DeepLab v3 / v3+, FCN, Segmenter,
+               SegFormer and UPerNet (ConvNeXt, Swin) models whole
   timm         ViT backbones (the Hugging Face hub's timm/* files)
+  huggingface  transformers' SegFormer and UperNet (ConvNeXt, Swin) models whole, their MiT
+               backbones
 
 `load` reads a file and loads every parameter it has for the model: the whole model
 (backbone, decoder, heads, auxiliary head) when one of the model's whole-model tables fits
@@ -20,13 +24,14 @@ import collections
 import dataclasses
 
 from segjax.errors import ConfigError
+from segjax.weights import huggingface
 from segjax.weights import layout
 from segjax.weights import mmseg
 from segjax.weights import reader
 from segjax.weights import timm
 from segjax.weights import torchvision
 
-SOURCES = (torchvision, mmseg, timm)
+SOURCES = (torchvision, mmseg, timm, huggingface)
 MODEL_PREFIXES = ('', 'model.')
 BACKBONE_PREFIXES = ('', 'backbone.', 'model.backbone.')
 _SHOWN_KEYS = 8  # keys listed per kind of mismatch

@@ -1,6 +1,7 @@
-"""mmsegmentation's names: ResNetV1c backbones and the DeepLab v3 (ASPPHead), DeepLab v3+
-(DepthwiseSeparableASPPHead) and FCN (FCNHead) models whole, with their auxiliary FCN heads,
-on ResNetV1c or (the 'b' configs) torchvision's ResNet.
+"""mmsegmentation's names: ResNetV1c, ViT and MiT backbones; the DeepLab v3 (ASPPHead), DeepLab
+v3+ (DepthwiseSeparableASPPHead) and FCN (FCNHead) models whole, with their auxiliary FCN
+heads, on ResNetV1c or (the 'b' configs) torchvision's ResNet; Segmenter and SegFormer whole;
+UPerNet on ConvNeXt (mmpretrain's) and Swin whole.
 
 An mmseg checkpoint is {'state_dict': {...}, 'meta': {...}} with the parts under
 'backbone.', 'decode_head.' and 'auxiliary_head.'; its ResNet keeps torchvision's layer
@@ -32,12 +33,53 @@ Its ViT (`VisionTransformer`) and Segmenter head (`SegmenterMaskTransformerHead`
   decode_head.dec_proj, cls_emb, layers.{i}   mask_decoder/proj_dec, cls_emb, blocks_{i}
   decode_head.decoder_norm, mask_norm         mask_decoder/decoder_norm, mask_norm
   decode_head.patch_proj / classes_proj       mask_decoder/proj_patch / proj_classes
+
+Its MiT (`MixVisionTransformer`) and `SegformerHead` (SegFormer, style 'mmseg'):
+
+  mmseg key                                   segjax flax path
+  backbone.layers.{i}.0.projection / .norm    backbone/patch_embed_{i}, patch_norm_{i}
+  backbone.layers.{i}.1.{j}.norm1 / norm2     backbone/blocks_{i}_{j}/norm1 / norm2
+  ....attn.attn.in_proj_* (q, k, v stacked)   backbone/blocks_{i}_{j}/attn/query, key, value
+  ....attn.attn.out_proj, .attn.sr, .attn.norm  .../attn/proj, sr, sr_norm
+  ....ffn.layers.0 / 1 / 4                    .../mlp/fc1 / dwconv / fc2 (fc1 and fc2 are 1x1
+                                              convolutions there, Dense layers here)
+  backbone.layers.{i}.2                       backbone/norm_{i}
+  decode_head.convs.{i}, fusion_conv          decode_head/convs_{i}, fuse
+  decode_head.conv_seg                        decode_head/classifier
+
+Its UPerNet (`UPerHead`, the auxiliary `FCNHead`; `segjax.models.upernet`) on mmpretrain's
+`ConvNeXt` (the upernet_convnext configs' `mmpretrain.ConvNeXt`) or its `SwinTransformer`:
+
+  mmseg key                                   segjax flax path
+  decode_head.psp_modules.{k}.1               decode_head/psp_{k} (conv + bn)
+  decode_head.bottleneck / fpn_bottleneck     decode_head/bottleneck / fpn_bottleneck
+  decode_head.lateral_convs.{i} / fpn_convs.{i}  decode_head/lateral_{i} / fpn_{i}
+  decode_head.conv_seg                        decode_head/classifier
+  auxiliary_head.convs.0 / conv_seg           aux_head/conv0 / classifier
+  backbone.downsample_layers.0.0 / .0.1       backbone/downsample_0/conv / norm (the stem)
+  backbone.downsample_layers.{i}.0 / .{i}.1   backbone/downsample_{i}/norm / conv
+  backbone.stages.{i}.{j}.depthwise_conv, .norm, .pointwise_conv1, .pointwise_conv2, .gamma
+                                              backbone/stages_{i}/blocks_{j}/dwconv, norm,
+                                              pwconv1, pwconv2, gamma
+  backbone.norm{i}                            backbone/norm_{i} (ConvNeXt and Swin)
+  backbone.patch_embed.projection / .norm     backbone/patch_embed/proj / norm (Swin)
+  backbone.stages.{i}.blocks.{j}.norm1 / norm2  backbone/stages_{i}/blocks_{j}/norm1 / norm2
+  ....attn.w_msa.qkv (q, k, v stacked)        .../attn/query, key, value
+  ....attn.w_msa.relative_position_bias_table, .proj  .../attn/relative_position_bias_table, proj
+  ....ffn.layers.0.0 / .ffn.layers.1          .../mlp/fc1 / fc2
+  backbone.stages.{i}.downsample.norm / .reduction
+                                              backbone/stages_{i}/downsample/norm / reduction
+                                              (4C axis in unfold order there: permuted)
+
+Swin files also hold the `relative_position_index` buffers, which are recomputed here.
 """
+import dataclasses
 import math
 
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.models.backbones import swin
 from segjax.models.backbones import vit
 from segjax.weights import layout
 from segjax.weights import torchvision
@@ -147,6 +189,186 @@ def segmenter(model):
                       input_key='backbone.patch_embed.projection.weight')
 
 
+
+_MIT_BLOCK = {'norm1': 'norm1', 'norm2': 'norm2', 'attn/proj': 'attn.attn.out_proj',
+              'attn/sr': 'attn.sr', 'attn/sr_norm': 'attn.norm', 'mlp/fc1': 'ffn.layers.0',
+              'mlp/dwconv': 'ffn.layers.1', 'mlp/fc2': 'ffn.layers.4'}
+_PACKED_QKV = ('attn/query', 'attn/key', 'attn/value')  # nn.MultiheadAttention's in_proj
+_MIT_POINTWISE = ('ffn.layers.0.weight', 'ffn.layers.4.weight')  # 1x1 convs, Dense here
+
+
+def _mit_module(modules):
+  """mmseg's name of an MiT module path below backbone/."""
+  top, rest = modules[0], '/'.join(modules[1:])
+  kind, _, index = top.rpartition('_')
+  if kind in ('patch_embed', 'patch_norm'):
+    return f'layers.{index}.0.{"projection" if kind == "patch_embed" else "norm"}'
+  if kind == 'norm':
+    return f'layers.{index}.2'
+  stage, block = top[len('blocks_'):].split('_')
+  return f'layers.{stage}.1.{block}.{_MIT_BLOCK[rest]}'
+
+
+def _mit_key(collection, path):
+  module = '/'.join(path[1:-1])
+  if module in _PACKED_QKV:
+    stage, block = path[0][len('blocks_'):].split('_')
+    leaf = {'kernel': 'in_proj_weight', 'bias': 'in_proj_bias'}[path[-1]]
+    return layout.Packed(f'layers.{stage}.1.{block}.attn.attn.{leaf}',
+                         _PACKED_QKV.index(module), 3)
+  return layout.module_keys(_mit_module)(collection, path)
+
+
+def _mit_to_torch(key, array):
+  return array[:, :, None, None] if key.endswith(_MIT_POINTWISE) else array
+
+
+def _mit_from_torch(key, array, shape):
+  del key
+  return array.reshape(array.shape[:2]) if array.ndim == 4 and len(shape) == 2 else array
+
+
+def mit_table():
+  """mmseg's `MixVisionTransformer` (pretrain/segformer/mit_b*.pth, converted from the
+  official ImageNet weights)."""
+  return layout.Table('mmseg MiT', _mit_key, part='backbone', to_torch=_mit_to_torch,
+                      from_torch=_mit_from_torch, input_key='layers.0.0.projection.weight')
+
+
+def _segformer_head_key(collection, path):
+  names = {'fuse/Conv_0': 'fusion_conv.conv', 'fuse/BatchNorm_0': 'fusion_conv.bn',
+           'classifier': 'conv_seg'}
+  names.update({f'convs_{i}/{a}': f'convs.{i}.{b}' for i in range(4)
+                for a, b in CONV_MODULE.items()})
+  return layout.named_modules(names)(collection, path)
+
+
+def segformer(model):
+  """mmseg's SegFormer: MixVisionTransformer + SegformerHead (style 'mmseg')."""
+  parts = {'backbone': ('backbone.', _mit_key), 'decode_head': ('decode_head.',
+                                                                _segformer_head_key)}
+  return layout.Table(f'mmseg SegFormer {model.size}', layout.by_top_module(parts),
+                      to_torch=_mit_to_torch, from_torch=_mit_from_torch,
+                      input_key='backbone.layers.0.0.projection.weight')
+
+def uper_head_module(norm='bn', classifier='conv_seg'):
+  """mmseg's name of a module path below decode_head/ (UPerHead) or aux_head/ (FCNHead):
+  psp_{k} -> psp_modules.{k}.1, lateral_{i} / fpn_{i} -> lateral_convs.{i} / fpn_convs.{i},
+  conv0 -> convs.0, each ConvModule's conv and `norm`; classifier -> `classifier`. Hugging
+  Face's conversion renamed only `norm` (batch_norm) and `classifier`."""
+  inner = {'Conv_0': 'conv', 'BatchNorm_0': norm}
+
+  def name(modules):
+    top = modules[0]
+    if top == 'classifier':
+      return classifier
+    kind, _, index = top.rpartition('_')
+    if top in ('bottleneck', 'fpn_bottleneck'):
+      prefix = top
+    elif top == 'conv0':
+      prefix = 'convs.0'
+    else:
+      prefix = {'psp': f'psp_modules.{index}.1', 'lateral': f'lateral_convs.{index}',
+                'fpn': f'fpn_convs.{index}'}[kind]
+    return f'{prefix}.{inner[modules[1]]}'
+
+  return name
+
+
+def upernet_table(description, model, backbone_key, input_key, head_module, unused=()):
+  """A whole UPerNet `Table`: backbone/ under 'backbone.' by `backbone_key`, decode_head/
+  and aux_head/ under 'decode_head.' / 'auxiliary_head.' by `head_module`; the auxiliary
+  head's keys are unused by a model without it."""
+  head_key = layout.module_keys(head_module)
+  parts = {'backbone': ('backbone.', backbone_key), 'decode_head': ('decode_head.', head_key),
+           'aux_head': ('auxiliary_head.', head_key)}
+  unused = tuple(unused) + (() if model.aux_head else ('auxiliary_head.',))
+  return layout.Table(description, layout.by_top_module(parts), unused=unused,
+                      input_key=f'backbone.{input_key}')
+
+
+def _convnext_module(modules):
+  """mmpretrain's name of a ConvNeXt module path below backbone/."""
+  top = modules[0]
+  kind, _, index = top.rpartition('_')
+  if kind == 'downsample':  # the stem is (conv, norm), a downsampling layer (norm, conv)
+    order = ('conv', 'norm') if index == '0' else ('norm', 'conv')
+    return f'downsample_layers.{index}.{order.index(modules[1])}'
+  if kind == 'norm':
+    return f'norm{index}'
+  block = f'stages.{index}.{modules[1][len("blocks_"):]}'  # holding gamma itself
+  names = {'dwconv': 'depthwise_conv', 'norm': 'norm', 'pwconv1': 'pointwise_conv1',
+           'pwconv2': 'pointwise_conv2'}
+  return '.'.join([block] + [names[m] for m in modules[2:]])
+
+
+def _swin_module(modules):
+  """mmseg's name of a Swin module path below backbone/ (its q, k, v: `_swin_key`)."""
+  top = modules[0]
+  kind, _, index = top.rpartition('_')
+  if top == 'patch_embed':
+    return {'proj': 'patch_embed.projection', 'norm': 'patch_embed.norm'}[modules[1]]
+  if kind == 'norm':
+    return f'norm{index}'
+  if modules[1] == 'downsample':
+    return f'stages.{index}.downsample.{modules[2]}'
+  names = {'norm1': 'norm1', 'norm2': 'norm2', 'attn': 'attn.w_msa',
+           'attn/proj': 'attn.w_msa.proj', 'mlp/fc1': 'ffn.layers.0.0', 'mlp/fc2': 'ffn.layers.1'}
+  return f'stages.{index}.blocks.{modules[1][len("blocks_"):]}.{names["/".join(modules[2:])]}'
+
+
+def _swin_key(collection, path):
+  if path[-2] in _QKV:  # one qkv Linear there
+    leaf = {'kernel': 'weight', 'bias': 'bias'}[path[-1]]
+    return layout.Packed(f'{_swin_module(path[:-2])}.qkv.{leaf}',
+                         _QKV.index(path[-2]), 3)
+  return layout.module_keys(_swin_module)(collection, path)
+
+
+_QKV = ('query', 'key', 'value')
+_MERGING = ('downsample.reduction.weight', 'downsample.norm.weight', 'downsample.norm.bias')
+
+
+def _merging_to_mmseg(key, array):
+  """Swin's patch merging in the official (row, column, c) order -> mmseg's unfold
+  (c, row, column) order, along the 4C axis (the last one)."""
+  if not key.endswith(_MERGING):
+    return array
+  *lead, channels = array.shape
+  array = array.reshape(*lead, 4, channels // 4)[..., [0, 2, 1, 3], :]
+  return np.ascontiguousarray(np.swapaxes(array, -1, -2).reshape(*lead, channels))
+
+
+def _merging_from_mmseg(key, array, shape):
+  del shape
+  if not key.endswith(_MERGING):
+    return array
+  *lead, channels = array.shape
+  array = array.reshape(*lead, channels // 4, 4)[..., [0, 2, 1, 3]]
+  return np.swapaxes(array, -1, -2).reshape(*lead, channels)
+
+
+def swin_buffers(depths, prefix):
+  """The relative_position_index buffers a Swin checkpoint holds (recomputed here), as key
+  prefixes: `prefix`.format(i=stage, j=block)."""
+  return tuple(prefix.format(i=i, j=j) for i, depth in enumerate(depths) for j in range(depth))
+
+
+def upernet(model):
+  """mmseg's UPerNet (UPerHead + FCNHead) on mmpretrain's ConvNeXt or mmseg's Swin."""
+  family, size = model.backbone.split('_')
+  head = uper_head_module()
+  if family == 'convnext':
+    return upernet_table(f'mmseg UPerNet ConvNeXt-{size}', model, layout.module_keys(
+        _convnext_module), 'downsample_layers.0.0.weight', head)
+  depths = tuple(model.depths) or swin.SIZES[size][1]
+  buffers = swin_buffers(
+      depths, 'backbone.stages.{i}.blocks.{j}.attn.w_msa.relative_position_index')
+  table = upernet_table(f'mmseg UPerNet Swin-{size}', model, _swin_key,
+                        'patch_embed.projection.weight', head, buffers)
+  return dataclasses.replace(table, to_torch=_merging_to_mmseg, from_torch=_merging_from_mmseg)
+
+
 def tables(model):
   """(whole-model tables, backbone tables) of `model` in mmseg's names (its 'b' configs,
   e.g. fcn_r50b-d8, put the heads on torchvision's ResNet: `backbone_stem='torchvision'`)."""
@@ -160,4 +382,10 @@ def tables(model):
   if kind == 'segmenter' and model.encoder_style == 'mmseg' and model.stem == 'patch' and (
       model.depth in (0, vit.SIZES[model.size][1])):
     return ([segmenter(model)] if model.decoder == 'mask' else []), [vit_table()]
+  if kind == 'segformer':
+    return ([segformer(model)] if model.style == 'mmseg' else []), [mit_table()]
+  if kind == 'unet' and model.encoder.startswith('mit_'):
+    return [], [mit_table()]
+  if kind == 'upernet' and not model.width:
+    return [upernet(model)], []
   return [], []

@@ -1,5 +1,6 @@
-"""torchvision's names: ResNet and VGG16(-BN) ImageNet backbones, and the segmentation models
-`fcn_resnet50/101` and `deeplabv3_resnet50/101` whole (backbone, head, auxiliary head).
+"""torchvision's names: ResNet, VGG16(-BN) and MobileNetV3-Large/-Small ImageNet backbones, and
+the segmentation models `fcn_resnet50/101`, `deeplabv3_resnet50/101` and
+`lraspp_mobilenet_v3_large` whole (backbone, head, auxiliary head).
 
   torchvision key                         segjax flax path
   conv1 / bn1                             backbone/conv1, backbone/bn1
@@ -14,10 +15,21 @@
   classifier.4                            classifier (DeepLab), head/classifier (FCN)
   classifier.{0,1} (FCNHead)              head/conv0/{Conv_0,BatchNorm_0}
   aux_classifier.{0,1,4}                  aux_head/conv0/..., aux_head/classifier
+  features.0.{0,1} (MobileNetV3)          backbone/stem/{conv,bn}
+  features.{i}.block.{j}.{0,1}            backbone/block{i}/{expand,depthwise,project}/...
+                                          (j counts the block's layers: no expand where
+                                          the expansion keeps the width)
+  features.{i}.block.{j}.fc1/fc2          backbone/block{i}/squeeze_excite/fc1, fc2
+  features.{N+1}.{0,1} (the last 1x1)     backbone/last/{conv,bn}
+  classifier.cbr.{0,1} (LRASPPHead)       project/{Conv_0,BatchNorm_0}
+  classifier.scale.1                      gate
+  classifier.low/high_classifier          low_classifier, high_classifier
 
 In a segmentation checkpoint the backbone's keys carry 'backbone.' (IntermediateLayerGetter
-keeps the ResNet's names).
+keeps the ResNet's names; of MobileNetV3 it keeps `features`' children, so its keys lose
+'features.': 'backbone.4.block.2.fc1.weight').
 """
+from segjax.models.backbones import mobilenetv3
 from segjax.weights import layout
 
 _RESNET_RENAMES = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1',
@@ -25,6 +37,7 @@ _RESNET_RENAMES = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsamp
                    **{f'stem_bn{i}': f'stem.{3 * i + 1}' for i in range(3)}}
 _FC_KEYS = ('classifier.0.weight', 'classifier.3.weight')  # VGG's fc6 / fc7 Linear weights
 CONV_BN = {'Conv_0': '0', 'BatchNorm_0': '1'}  # a ConvBNReLU as nn.Sequential(conv, bn, relu)
+_MOBILENET_CONV_BN = {'conv': '0', 'bn': '1'}  # mobilenetv3.ConvBN as Conv2dNormActivation
 
 
 def resnet_key(collection, path):
@@ -91,6 +104,49 @@ def fcn(model):
   return _whole(f'torchvision fcn_resnet{model.depth}', model, names)
 
 
+def _mobilenet_v3_names(arch):
+  """{flax module path under the backbone: torchvision module name under `features`} of
+  MobileNetV3 `arch`: 'stem/conv' -> '0.0', 'block4/squeeze_excite/fc1' ->
+  '4.block.2.fc1', 'last/bn' -> '16.1' (Large)."""
+  names = layout.submodules('stem', '0', _MOBILENET_CONV_BN)
+  for i, (channels, block) in enumerate(mobilenetv3.blocks(arch), 1):
+    parts = ((('expand',) if block.expanded != channels else ()) + ('depthwise',)
+             + (('squeeze_excite',) if block.squeeze_excite else ()) + ('project',))
+    for j, part in enumerate(parts):
+      inner = {'fc1': 'fc1', 'fc2': 'fc2'} if part == 'squeeze_excite' else _MOBILENET_CONV_BN
+      names.update(layout.submodules(f'block{i}/{part}', f'{i}.block.{j}', inner))
+  names.update(layout.submodules('last', str(len(mobilenetv3.ARCHS[arch]) + 1),
+                                  _MOBILENET_CONV_BN))
+  return names
+
+
+def mobilenet_v3(arch):
+  """torchvision's `mobilenet_v3_large` / `mobilenet_v3_small` ImageNet state dict
+  (`classifier` unused)."""
+  names = {path: f'features.{name}' for path, name in _mobilenet_v3_names(arch).items()}
+  return layout.Table(f'torchvision {arch}', layout.named_modules(names), part='backbone',
+                      unused=('classifier.',), input_key='features.0.0.weight')
+
+
+def segmentation_mobilenet_v3(arch):
+  """The MobileNetV3 backbone of a torchvision segmentation model (keys without
+  'features.'; under the 'backbone.' prefix in the whole file)."""
+  return layout.Table(f'torchvision {arch} (segmentation backbone)',
+                      layout.named_modules(_mobilenet_v3_names(arch)), part='backbone',
+                      input_key='0.0.weight')
+
+
+def lraspp(model):
+  """torchvision's `lraspp_mobilenet_v3_large` (and its LRASPP on mobilenet_v3_small, which
+  torchvision builds but publishes no weights for)."""
+  names = {**layout.submodules('project', 'classifier.cbr', CONV_BN),
+           'gate': 'classifier.scale.1', 'low_classifier': 'classifier.low_classifier',
+           'high_classifier': 'classifier.high_classifier'}
+  return layout.on_backbone(f'torchvision lraspp_{model.backbone}',
+                            layout.named_modules(_mobilenet_v3_names(model.backbone)), names,
+                            input_key='0.0.weight')
+
+
 def tables(model):
   """The tables of `model` this source has: (whole-model tables, backbone tables)."""
   kind = type(model).__module__.rsplit('.', 1)[-1]
@@ -107,5 +163,8 @@ def tables(model):
     torchvision_form = (model.variant == '8s_atrous' and model.head_convs == 1
                         and not model.head_concat_input)
     return ([fcn(model)] if torchvision_form else []), [resnet()]
+  if kind == 'lraspp':
+    return [lraspp(model)], [mobilenet_v3(model.backbone),
+                             segmentation_mobilenet_v3(model.backbone)]
   return [], []
 
