@@ -55,6 +55,7 @@ from segjax import data as data_lib
 from segjax import losses
 from segjax import models as models_lib
 from segjax import parallel
+from segjax import sweep
 from segjax import train
 from segjax.data import transforms
 # pylint: enable=wrong-import-position
@@ -103,13 +104,7 @@ SUITE = (
 )
 
 
-def load_config(path_and_arg):
-  """'experiments/x.py:arg' -> that file's get_config(arg)."""
-  path, _, arg = path_and_arg.partition(':')
-  namespace = {'__file__': path}
-  with open(path, encoding='utf-8') as f:
-    exec(compile(f.read(), path, 'exec'), namespace)  # pylint: disable=exec-used
-  return namespace['get_config'](arg or None)
+load_config = sweep.load_config
 
 
 def random_batch(config, num_classes, seed=0):

@@ -20,7 +20,8 @@ by a cluster scheduler from the printed commands are reported alike).
 
 `write_report(workdir)` groups the finished runs by variant (a point without its `seed`)
 and writes `results.md`, `results.csv` and `results.png` (mIoU per variant with error bars,
-and the validation mIoU curves).
+the validation mIoU curves, and mIoU against the batch-1 inference latency each run measures
+after training, `segjax.speed`, at its training crop on the machine that trained it).
 """
 import builtins
 import copy
@@ -45,6 +46,7 @@ import numpy as np
 from segjax import configs
 from segjax import data as data_lib
 from segjax import models as models_lib
+from segjax import speed
 from segjax import train
 from segjax.data import transforms
 from segjax.errors import ConfigError, SegjaxError
@@ -123,6 +125,11 @@ def _load_module(path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_config(path_and_arg):
+  """'experiments/x.py:arg' (as launch.py's --config) -> that file's get_config(arg)."""
+  return experiment_config(*path_and_arg.split(':', 1))
 
 
 def experiment_config(path, arg=None, *, total_steps=None):
@@ -298,8 +305,10 @@ def _train_point(config, point, run_dir):
   if logged is None:
     raise SegjaxError(f'{run_dir}/metrics.jsonl has no validation at step '
                       f'{config.total_steps} after training; the run did not finish')
+  latency_ms, _, _ = speed.latency(config, config.dataset.image_size)
   _write_json(summary_path, {'overrides': point, 'finished': True, **logged,
-                             'params': count_parameters(config), 'wall_time_s': wall_time})
+                             'params': count_parameters(config), 'wall_time_s': wall_time,
+                             'latency_ms': latency_ms})
 
 
 def run_sweep(config, points, workdir, *, config_file):
@@ -351,7 +360,8 @@ def _run_summary(run_dir):
   logged = _log_summary(read_metrics(run_dir), config.total_steps)
   if logged is None:
     return None
-  return {'finished': True, **logged, 'params': count_parameters(config), 'wall_time_s': None}
+  return {'finished': True, **logged, 'params': count_parameters(config), 'wall_time_s': None,
+          'latency_ms': None}
 
 
 def _val_curve(run_dir):
@@ -376,7 +386,8 @@ def _variant_rows(workdir):
 
   A row per variant with finished runs, in sweep order: 'variant' (field -> value), 'seeds',
   'miou_mean', 'miou_std', 'class_iou' (name -> mean over the runs where the class was
-  present), 'params', 'step_time_s' and 'wall_time_s' (means over its runs), 'curve'
+  present), 'params', 'step_time_s', 'wall_time_s' and 'latency_ms' (batch-1 inference at
+  the training crop, measured after training; means over its runs), 'curve'
   (step -> mean validation mIoU over the runs, at the steps all of them evaluated).
   """
   plan_path = os.path.join(workdir, PLAN_FILE)
@@ -413,6 +424,7 @@ def _variant_rows(workdir):
         'params': summaries[0]['params'],
         'step_time_s': _mean_or_none([s['step_time_s'] for s in summaries]),
         'wall_time_s': _mean_or_none([s['wall_time_s'] for s in summaries]),
+        'latency_ms': _mean_or_none([s.get('latency_ms') for s in summaries]),
         'curve': {step: float(np.mean([c[step] for _, c in variant_runs]))
                   for step in common_steps}})
   finished = sum(len(r) for r in runs.values())
@@ -445,10 +457,11 @@ def _cell(value, spec, scale=1):
 
 def _markdown(config_file, fields, class_names, rows, finished, planned):
   header = [*fields, 'seeds', 'val mIoU (%)', *(f'{n} IoU' for n in class_names),
-            'params (M)', 'step (ms)', 'wall (min)']
+            'params (M)', 'step (ms)', 'wall (min)', 'latency (ms)']
   lines = [f'Sweep of `{config_file}`: {finished} of {planned} runs finished. Final '
-           'validation mIoU as mean ± sample std over seeds; per-class IoU, step time and '
-           'wall time (per run) are means over seeds.', '',
+           'validation mIoU as mean ± sample std over seeds; per-class IoU, step time, '
+           'wall time (per run) and batch-1 inference latency at the training crop are '
+           'means over seeds.', '',
            '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in rows:
     miou = f"{100 * row['miou_mean']:.2f}"
@@ -458,7 +471,7 @@ def _markdown(config_file, fields, class_names, rows, finished, planned):
     cells += [str(row['seeds']), miou]
     cells += [_cell(v, '.2f', 100) for v in row['class_iou'].values()]
     cells += [_cell(row['params'], '.3f', 1e-6), _cell(row['step_time_s'], '.1f', 1000),
-              _cell(row['wall_time_s'], '.1f', 1 / 60)]
+              _cell(row['wall_time_s'], '.1f', 1 / 60), _cell(row['latency_ms'], '.1f')]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -469,10 +482,10 @@ def _write_csv(path, fields, class_names, rows):
     writer = csv.writer(f)
     writer.writerow([*fields, 'seeds', 'miou_mean', 'miou_std',
                      *(f'iou/{n}' for n in class_names), 'params', 'step_time_s',
-                     'wall_time_s'])
+                     'wall_time_s', 'latency_ms'])
     for row in rows:
       values = [row['seeds'], row['miou_mean'], row['miou_std'], *row['class_iou'].values(),
-                row['params'], row['step_time_s'], row['wall_time_s']]
+                row['params'], row['step_time_s'], row['wall_time_s'], row['latency_ms']]
       writer.writerow([_value_text(row['variant'][f]) if f in row['variant'] else ''
                        for f in fields]
                       + ['' if v is None or (isinstance(v, float) and math.isnan(v)) else v
@@ -481,16 +494,19 @@ def _write_csv(path, fields, class_names, rows):
 
 def _plot(path, rows):
   """Final mIoU per variant with ±std error bars (top; one line per variant, best on top),
-  and the validation mIoU curves (bottom, legend under them)."""
+  the validation mIoU curves (middle, legend under them) and, where runs measured their
+  latency, final mIoU against batch-1 inference latency (bottom, points labelled)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   labels = [_label(row['variant']) for row in rows]
   order = sorted(range(len(rows)), key=lambda i: rows[i]['miou_mean'])
+  timed = [i for i, row in enumerate(rows) if row['latency_ms'] is not None]
+  heights = [1 + 0.3 * len(rows), 3.5] + ([3.5] if timed else [])
   # Axes 7 inches wide; the labels go outside them, kept by bbox_inches='tight' on saving.
-  figure, (bars, curves) = plt.subplots(
-      2, 1, figsize=(7, 2.5 + 0.3 * len(rows) + 3.5),
-      gridspec_kw={'height_ratios': [1 + 0.3 * len(rows), 3.5], 'hspace': 0.35})
+  figure, axes = plt.subplots(len(heights), 1, figsize=(7, 1.5 * len(heights) + sum(heights)),
+                              gridspec_kw={'height_ratios': heights, 'hspace': 0.6})
+  bars, curves = axes[:2]
   bars.errorbar([100 * rows[i]['miou_mean'] for i in order], range(len(rows)),
                 xerr=[0 if math.isnan(rows[i]['miou_std']) else 100 * rows[i]['miou_std']
                       for i in order], fmt='o', capsize=4)
@@ -504,6 +520,18 @@ def _plot(path, rows):
   curves.set_ylabel('validation mIoU (%),\nmean over seeds')
   curves.grid(alpha=0.3)
   curves.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.15))
+  if timed:
+    speed_axes = axes[2]
+    speed_axes.errorbar([rows[i]['latency_ms'] for i in timed],
+                        [100 * rows[i]['miou_mean'] for i in timed],
+                        yerr=[0 if math.isnan(rows[i]['miou_std']) else 100 * rows[i]['miou_std']
+                              for i in timed], fmt='o', capsize=4)
+    for i in timed:
+      speed_axes.annotate(labels[i], (rows[i]['latency_ms'], 100 * rows[i]['miou_mean']),
+                          fontsize=7, xytext=(4, 4), textcoords='offset points')
+    speed_axes.set_xlabel('batch-1 inference latency at the training crop (ms)')
+    speed_axes.set_ylabel('final validation mIoU (%)')
+    speed_axes.grid(alpha=0.3)
   figure.savefig(path, dpi=100, bbox_inches='tight')
   plt.close(figure)
 

@@ -114,3 +114,29 @@ def test_model_shapes_take_the_default_or_their_own(vs_pytorch):
       ('unet', 8, 128), ('deeplabv3_r50', 4, 256)]
   with pytest.raises(SystemExit, match='unknown model'):
     vs_pytorch.model_shapes('vgg', 8, 128)
+
+
+@pytest.fixture(scope='module')
+def latency():
+  return importlib.import_module('latency')
+
+
+def test_every_latency_suite_entry_builds_a_model(latency, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  for label, path_and_arg in latency.SUITE + latency.ATTENTION_SUITE:
+    config = latency.sweep.load_config(path_and_arg)
+    assert models.get_model(config.model, num_classes=6) is not None, label
+
+
+def test_latency_reports_the_model_and_positive_costs(latency):
+  config = tiny_config('/unused')
+  figures = latency.speed.measure(config, size=32, batch_size=2, steps=2)
+  model = models.get_model(config.model, num_classes=6)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                             train=False))
+  assert figures['params'] == sum(math.prod(x.shape) for x in jax.tree.leaves(shapes['params']))
+  assert figures['gflops_per_image'] > 0 and figures['compile_s'] > 0
+  assert 0 < figures['latency_min_ms'] <= figures['latency_ms']
+  assert figures['images_per_s'] > 0
+  row = latency.row('tiny', 32, figures)
+  assert row.startswith('| tiny | 32x32 |') and row.count('|') == 8

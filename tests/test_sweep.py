@@ -179,6 +179,7 @@ def test_runner_skips_finished_points_and_resumes_the_interrupted_one(
   assert summary['finished'] and summary['overrides'] == points[3]
   assert summary['metrics']['miou'] == pytest.approx(0.5 + 0.1 + 0.02)
   assert summary['step_time_s'] == 0.25
+  assert summary['latency_ms'] > 0  # measured after training
   resumed = json.load(open(os.path.join(workdir, names[2], 'summary.json')))
   assert resumed['finished'] and resumed['wall_time_s'] >= interrupted['wall_time_s']
 
@@ -277,7 +278,8 @@ def test_report_from_fake_finished_runs(tmp_path, data_dir):
       del metrics['iou/ring']  # absent from that run's prediction and labels
     summary = {'finished': i != 5, 'overrides': point, 'params': 1000 + i // 3,
                'step_time_s': float(rng.uniform(0.05, 0.1)),
-               'wall_time_s': float(rng.uniform(60, 120))}
+               'wall_time_s': float(rng.uniform(60, 120)),
+               'latency_ms': float(rng.uniform(5, 20))}
     write_fake_run(os.path.join(workdir, sweep.point_name(point)), metrics,
                    {100: metrics['miou'] / 2, 200: metrics['miou']}, **summary)
     if i != 5:  # the last run did not finish: left out
@@ -310,11 +312,12 @@ def test_report_from_fake_finished_runs(tmp_path, data_dir):
     assert int(row['params']) == 1000 + index
     assert float(row['step_time_s']) == pytest.approx(np.mean([r['step_time_s'] for r in runs]))
     assert float(row['wall_time_s']) == pytest.approx(np.mean([r['wall_time_s'] for r in runs]))
+    assert float(row['latency_ms']) == pytest.approx(np.mean([r['latency_ms'] for r in runs]))
     cells = f"| {100 * np.mean(mious):.2f} ± {100 * np.std(mious, ddof=1):.2f} |"
     assert cells in markdown
   cluster = rows[2]
   assert float(cluster['miou_mean']) == 0.4 and cluster['miou_std'] == ''
-  assert cluster['wall_time_s'] == '' and cluster['step_time_s'] == ''
+  assert cluster['wall_time_s'] == cluster['step_time_s'] == cluster['latency_ms'] == ''
   assert int(cluster['params']) == unet_parameters(6, depth=2)
   with open(os.path.join(workdir, 'results.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
