@@ -168,24 +168,8 @@ CHECKPOINTS = {
 RECIPES.update({name: arg for name, (arg, _, _) in CHECKPOINTS.items()})
 
 
-def _expand_recipe(arg):
-  """'recipe_name,k=v' -> the recipe's 'k=v' list followed by the overrides."""
-  first, _, rest = (arg or '').partition(',')
-  if first in RECIPES:
-    return ','.join(filter(None, (RECIPES[first], rest)))
-  return arg
-
-
-def _size(value):
-  """96 -> 96; '512x1024' -> (512, 1024) (height x width, or long x short for base_size)."""
-  if isinstance(value, str):
-    height, _, width = value.partition('x')
-    return int(height), int(width)
-  return value
-
-
 def get_config(arg=None):
-  variant = configs.parse_arg(_expand_recipe(arg), **DEFAULTS)
+  variant = configs.parse_arg(configs.expand_recipe(arg, RECIPES), **DEFAULTS)
   if variant.norm not in NORMALIZATION:
     raise configs.ConfigError(f'unknown norm {variant.norm!r}; use one of '
                               f'{sorted(NORMALIZATION)}')
@@ -196,16 +180,16 @@ def get_config(arg=None):
     config.model[field] = variant[field]
   config.model.backbone_stem = variant.stem
   config.evaluation.resize = variant.eval_resize
-  config.evaluation.resize_scale = _size(variant.eval_scale)
+  config.evaluation.resize_scale = configs.size_value(variant.eval_scale)
   config.evaluation.pad = variant.eval_pad
   config.model.skip_scales = (float(variant.skip_scale16), float(variant.skip_scale8))
 
   config.dataset.name = variant.dataset
-  config.dataset.image_size = _size(variant.image_size)
+  config.dataset.image_size = configs.size_value(variant.image_size)
   config.dataset.min_scale = variant.min_scale
   config.dataset.max_scale = variant.max_scale
   config.dataset.flip = variant.flip
-  config.dataset.base_size = _size(variant.base_size)
+  config.dataset.base_size = configs.size_value(variant.base_size)
   config.dataset.cat_max_ratio = variant.cat_max_ratio
   config.dataset.photometric = variant.photometric
   config.dataset.mean, config.dataset.std = NORMALIZATION[variant.norm]

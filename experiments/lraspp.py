@@ -94,16 +94,8 @@ CHECKPOINTS = {
 RECIPES.update({name: arg for name, (arg, _, _) in CHECKPOINTS.items()})
 
 
-def _expand_recipe(arg):
-  """'recipe_name,k=v' -> the recipe's 'k=v' list followed by the overrides."""
-  first, _, rest = (arg or '').partition(',')
-  if first in RECIPES:
-    return ','.join(filter(None, (RECIPES[first], rest)))
-  return arg
-
-
 def get_config(arg=None):
-  variant = configs.parse_arg(_expand_recipe(arg), **DEFAULTS)
+  variant = configs.parse_arg(configs.expand_recipe(arg, RECIPES), **DEFAULTS)
   if variant.norm not in NORMALIZATION:
     raise configs.ConfigError(f'unknown norm {variant.norm!r}; use one of '
                               f'{sorted(NORMALIZATION)}')

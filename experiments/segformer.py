@@ -169,11 +169,6 @@ CHECKPOINTS['mmseg_segformer_b5_ade_640'] = (
 RECIPES = {name: arg for name, (arg, _, _) in CHECKPOINTS.items()}
 
 
-def _pair(text):
-  """'2048x512' -> (2048, 512); '' -> 0 (unset)."""
-  return tuple(int(side) for side in text.split('x')) if text else 0
-
-
 def get_config(arg=None):
   variant = configs.parse_arg(RECIPES.get(arg, arg), **DEFAULTS)
   if variant.param_groups not in PARAM_GROUPS:
@@ -188,13 +183,13 @@ def get_config(arg=None):
     config.model[field] = variant[field]
   config.dataset.update(name=variant.dataset, image_size=variant.image_size,
                         min_scale=variant.min_scale, max_scale=variant.max_scale,
-                        base_size=_pair(variant.base_size),
+                        base_size=configs.size_value(variant.base_size),
                         cat_max_ratio=variant.cat_max_ratio, photometric=variant.photometric)
   if variant.normalization:
     config.dataset.mean, config.dataset.std = NORMALIZATIONS[variant.normalization]
   config.evaluation.update(mode=variant.eval_mode, window=variant.eval_window,
                            stride=variant.eval_stride, resize=variant.eval_resize,
-                           resize_scale=_pair(variant.eval_scale), pad=variant.eval_pad)
+                           resize_scale=configs.size_value(variant.eval_scale), pad=variant.eval_pad)
   config.optimizer.update(name=variant.optimizer, learning_rate=variant.learning_rate,
                           param_groups=PARAM_GROUPS[variant.param_groups][variant.style],
                           decay='all' if variant.param_groups == 'segformer' else 'kernels')

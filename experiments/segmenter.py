@@ -168,11 +168,6 @@ RECIPES.update({name: arg for name, (arg, _, _) in CHECKPOINTS.items()})
 NORMALIZATIONS = {'vit': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}  # timm's augreg ViTs
 
 
-def _pair(text):
-  """'2048x512' -> (2048, 512); '' -> 0 (unset)."""
-  return tuple(int(side) for side in text.split('x')) if text else 0
-
-
 def get_config(arg=None):
   variant = configs.parse_arg(RECIPES.get(arg, arg), **DEFAULTS)
   config = configs.base_config()
@@ -181,12 +176,12 @@ def get_config(arg=None):
                 'decoder_layers', 'depth', 'drop_path_rate', 'dropout', 'decoder_dropout',
                 'pretrained_image_size', 'encoder_style'):
     config.model[field] = variant[field]
-  config.dataset.base_size = _pair(variant.base_size)
+  config.dataset.base_size = configs.size_value(variant.base_size)
   config.dataset.cat_max_ratio = variant.cat_max_ratio
   config.dataset.photometric = variant.photometric
   config.evaluation.update(mode=variant.eval_mode, window=variant.eval_window,
                            stride=variant.eval_stride, resize=variant.eval_resize,
-                           resize_scale=_pair(variant.eval_scale), pad=variant.eval_pad)
+                           resize_scale=configs.size_value(variant.eval_scale), pad=variant.eval_pad)
   config.dataset.name = variant.dataset
   config.dataset.image_size = variant.image_size
   config.dataset.min_scale = variant.min_scale

@@ -164,11 +164,6 @@ CHECKPOINTS = {
 RECIPES = {name: arg for name, (arg, _, _) in CHECKPOINTS.items()}
 
 
-def _pair(text):
-  """'2048x512' -> (2048, 512); '' -> 0 (unset)."""
-  return tuple(int(side) for side in text.split('x')) if text else 0
-
-
 def _counts(text):
   """'1x1x2x1' -> (1, 1, 2, 1), '' -> (); one count parses as an int."""
   return (text,) if isinstance(text, int) else tuple(int(n) for n in text.split('x') if n)
@@ -188,12 +183,12 @@ def get_config(arg=None):
   config.dataset.max_scale = variant.max_scale
   if variant.imagenet_normalization:
     config.dataset.mean, config.dataset.std = configs.IMAGENET_MEAN, configs.IMAGENET_STD
-  config.dataset.base_size = _pair(variant.base_size)
+  config.dataset.base_size = configs.size_value(variant.base_size)
   config.dataset.cat_max_ratio = variant.cat_max_ratio
   config.dataset.photometric = variant.photometric
   config.evaluation.update(mode=variant.eval_mode, window=variant.eval_window,
                            stride=variant.eval_stride, resize=variant.eval_resize,
-                           resize_scale=_pair(variant.eval_scale), pad=variant.eval_pad)
+                           resize_scale=configs.size_value(variant.eval_scale), pad=variant.eval_pad)
   config.optimizer.name = 'adamw'
   config.optimizer.learning_rate = variant.learning_rate
   config.optimizer.decay = variant.decay

@@ -210,6 +210,23 @@ def parse_arg(arg, **defaults):
   return variant
 
 
+def expand_recipe(arg, recipes):
+  """'recipe_name,k=v' -> the recipe's 'k=v' list from `recipes` followed by the overrides;
+  any other `arg` unchanged."""
+  first, _, rest = (arg or '').partition(',')
+  if first in recipes:
+    return ','.join(filter(None, (recipes[first], rest)))
+  return arg
+
+
+def size_value(value):
+  """A size argument of an experiment: '512x1024' -> (512, 1024) (height x width, or long x
+  short for base sizes), '' -> 0 (unset); an int or a tuple stays as it is."""
+  if isinstance(value, str):
+    return tuple(int(side) for side in value.split('x')) if value else 0
+  return value
+
+
 def resnet_depth(name):
   """'resnet50' -> 50, for experiment arguments that name a ResNet backbone."""
   valid = [f'resnet{depth}' for depth in resnet.DEPTHS]

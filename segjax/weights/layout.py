@@ -43,6 +43,13 @@ class Packed:
   count: int
 
 
+def prefixed(prefix, key):
+  """A `Table.key` result (a str or a `Packed`) with its source key under `prefix`."""
+  if isinstance(key, Packed):
+    return dataclasses.replace(key, key=prefix + key.key)
+  return prefix + key
+
+
 def kernel_to_torch(array):
   # Contiguous, so that writers that dump raw buffers (safetensors) store the new layout.
   return np.ascontiguousarray(array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T)
@@ -78,10 +85,7 @@ def by_top_module(parts):
 
   def key(collection, path):
     source_prefix, below = parts[path[0]]
-    key = below(collection, path[1:])
-    if isinstance(key, Packed):
-      return dataclasses.replace(key, key=source_prefix + key.key)
-    return source_prefix + key
+    return prefixed(source_prefix, below(collection, path[1:]))
 
   return key
 
@@ -165,10 +169,7 @@ class Table:
 
   def source_key(self, collection, path):
     """The source's key of a leaf: a str, or a `Packed` slice of one."""
-    key = self.key(collection, path)
-    if isinstance(key, Packed):
-      return dataclasses.replace(key, key=self.prefix + key.key)
-    return self.prefix + key
+    return prefixed(self.prefix, self.key(collection, path))
 
   def to_source(self, variables):
     """{collection: tree} of this table's part -> flat {source key: numpy array}."""

@@ -235,12 +235,11 @@ def mit_table():
                       from_torch=_mit_from_torch, input_key='layers.0.0.projection.weight')
 
 
-def _segformer_head_key(collection, path):
-  names = {'fuse/Conv_0': 'fusion_conv.conv', 'fuse/BatchNorm_0': 'fusion_conv.bn',
-           'classifier': 'conv_seg'}
-  names.update({f'convs_{i}/{a}': f'convs.{i}.{b}' for i in range(4)
-                for a, b in CONV_MODULE.items()})
-  return layout.named_modules(names)(collection, path)
+_SEGFORMER_HEAD = {'fuse/Conv_0': 'fusion_conv.conv', 'fuse/BatchNorm_0': 'fusion_conv.bn',
+                   'classifier': 'conv_seg',
+                   **{f'convs_{i}/{a}': f'convs.{i}.{b}' for i in range(4)
+                      for a, b in CONV_MODULE.items()}}
+_segformer_head_key = layout.named_modules(_SEGFORMER_HEAD)
 
 
 def segformer(model):
