@@ -2,10 +2,16 @@
 
   python launch.py --config experiments/deeplab.py
   python launch.py --config experiments/deeplab.py:variant=v3,output_stride=8
+  python launch.py --config experiments/deeplab.py:encoder=convnext_tiny \
+      --config.init_from=/weights/timm/convnext_tiny.fb_in1k/model.safetensors
   python launch.py --config experiments/deeplab.py:v3plus_r101_os16_voc \
       --config.dataset.data_dir=/data/tfds --config.init_from=/weights/resnet101-63fe2227.pth
 
 Arguments after the colon: `variant` (v3 | v3plus), `backbone` (resnet18/34/50/101),
+`encoder` ('' for the ResNet; convnext_tiny/small/base, swin_tiny/small/base or
+mit_b0..b5 in its place, at stride 32 with ASPP rates 3, 6, 9, starting from their ImageNet
+weights with --config.init_from: timm, Hugging Face, mmpretrain or mmseg files, see
+segjax/weights/),
 `output_stride` (8 | 16), `width` (ResNet base width; 64 as published), `head` (paper |
 torchvision | mmseg), `stem` (torchvision | deep), `aux_head`, `dataset` (shapes | voc (the
 DeepLab papers' recipe) | voc_mmseg | cityscapes | ade20k (mmseg's) | coco_voc
@@ -191,7 +197,7 @@ def get_config(arg=None):
   arg = RECIPES.get(arg, arg)
   variant = configs.parse_arg(arg, variant='v3plus', backbone='resnet18', output_stride=16,
                               width=0, head='paper', stem='torchvision', aux_head=False,
-                              dataset='shapes')
+                              dataset='shapes', encoder='')
   on_shapes = variant.dataset == 'shapes'
   if not on_shapes and variant.dataset not in DATASET_RECIPES:
     raise configs.ConfigError(f'deeplab.py has no recipe for dataset {variant.dataset!r}; use '
@@ -205,6 +211,10 @@ def get_config(arg=None):
   config.model.backbone_stem = variant.stem
   config.model.aux_head = variant.aux_head
   config.model.backbone_width = variant.width or (16 if on_shapes else 64)
+  config.model.encoder = variant.encoder
+  if variant.encoder:  # a hierarchical backbone instead of the ResNet (stride 32)
+    config.model.output_stride = 32
+    config.dataset.mean, config.dataset.std = configs.IMAGENET_MEAN, configs.IMAGENET_STD
   if on_shapes:
     return _shapes_config(config)
   return _published_recipe(config, DATASET_RECIPES[variant.dataset])

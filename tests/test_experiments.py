@@ -103,6 +103,20 @@ def test_published_recipe_trains_one_step_at_tiny_size(path, name, data_dir, tmp
   train_one_step(config, str(tmp_path))
 
 
+ENCODER_VARIANTS = [('unet.py', 'encoder=convnext_tiny'), ('deeplab.py', 'encoder=swin_tiny'),
+                    ('deeplab.py', 'encoder=mit_b0')]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('experiment,arg', ENCODER_VARIANTS)
+def test_hierarchical_encoder_variant_trains_one_step(experiment, arg, data_dir, tmp_path):
+  config = load_get_config(os.path.join(ROOT, 'experiments', experiment))(arg)
+  config.dataset.update(data_dir=str(data_dir), num_train=24, num_validation=10,
+                        num_threads=0)
+  config.batch_size = config.eval_batch_size = 2
+  assert float(train_one_step(config, str(tmp_path))['loss']) > 0
+
+
 def test_variant_arguments_are_parsed_and_checked():
   get_config = load_get_config(os.path.join(ROOT, 'experiments', 'unet.py'))
   config = get_config('depth=4,features=8')

@@ -1,7 +1,13 @@
-"""DeepLab v3 (Chen et al., 2017) and v3+ (Chen et al., 2018) on the atrous ResNet backbone.
+"""DeepLab v3 (Chen et al., 2017) and v3+ (Chen et al., 2018) on the atrous ResNet backbone
+or a hierarchical one (ConvNeXt, Swin, MiT).
 
 Backbone: `resnet.ResNet` at output stride 16 or 8 (its last stage(s) dilated instead of
-strided), with `multi_grid` multiplying the rates of the last stage's blocks.
+strided), with `multi_grid` multiplying the rates of the last stage's blocks. Or, with
+`encoder` one of `backbones.HIERARCHICAL` ('convnext_tiny', 'swin_tiny', 'mit_b0', ...),
+that backbone's four maps (strides 4, 8, 16, 32) in place of the ResNet's stages: it is not
+dilated, so the ASPP reads stride 32 (`output_stride=32`) with the OS16 rates halved, (3,
+6, 9), the same field of view in input pixels (not a published setting); v3+'s decoder
+reads the stride-4 map. Its ImageNet weights load with `init_from` (segjax.weights).
 
 ASPP (atrous spatial pyramid pooling) on the stride-OS features: a 1x1 conv, one 3x3 conv
 per atrous rate (the paper's 6, 12, 18 at OS16, doubled at OS8), and image pooling (global
@@ -39,11 +45,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from segjax.models import backbones
 from segjax.models import fcn
 from segjax.models.backbones import resnet
 from segjax.models.layers import Conv, ConvBNReLU, batch_norm, resize_to
 
 PAPER_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # output stride -> ASPP atrous rates
+ENCODER_STRIDE = 32  # a hierarchical encoder's last map
+ENCODER_RATES = (3, 6, 9)  # the OS16 rates halved, for stride 32
 VARIANTS = ('v3', 'v3plus')
 # The head's form: the papers', torchvision's DeepLabHead (v3) or mmsegmentation's ASPPHead
 # (v3) / DepthwiseSeparableASPPHead (v3+); see the module docstring.
@@ -158,7 +167,9 @@ class Model(nn.Module):
 
   `variant`: 'v3' or 'v3plus'; `head`: 'paper', 'torchvision' or 'mmseg' (module
   docstring); `backbone_depth`: ResNet depth (18, 34, 50, 101); `backbone_width`: the
-  ResNet's base width (64 as published; published weights need 64); `backbone_stem`:
+  ResNet's base width (64 as published; published weights need 64); `encoder`: '' for the
+  ResNet, else one of `backbones.HIERARCHICAL` in its place (module docstring; the
+  ResNet's fields then do not apply); `backbone_stem`:
   'torchvision' (7x7) or 'deep' (mmsegmentation's ResNetV1c); `output_stride`: 8 or 16;
   `multi_grid`: rate multipliers of the last stage's blocks; `contract_dilation`: see
   `resnet.ResNet` (torchvision's and mmsegmentation's dilated ResNets set it);
@@ -176,6 +187,8 @@ class Model(nn.Module):
   backbone_depth: int = 50
   backbone_width: int = 64
   backbone_stem: str = 'torchvision'
+  encoder: str = ''
+  drop_path_rate: float = 0.0  # a hierarchical encoder's stochastic depth
   output_stride: int = 16
   multi_grid: tuple = (1, 2, 4)
   contract_dilation: bool = False
@@ -200,6 +213,10 @@ class Model(nn.Module):
                        "variant='v3'")
     if self.head != 'paper' and not self.aspp:
       raise ValueError(f"aspp=False (the ablation) needs head='paper', got {self.head!r}")
+    if self.encoder:
+      self._check_encoder()
+      super().__post_init__()
+      return
     aspp_rates_for(self.output_stride, self.aspp_rates, self.allow_custom_rates)
     if self.backbone_depth not in resnet.DEPTHS:
       raise ValueError(f'backbone_depth must be one of {sorted(resnet.DEPTHS)}, '
@@ -207,6 +224,37 @@ class Model(nn.Module):
     resnet.check_config(self.backbone_depth, self.output_stride, tuple(self.multi_grid),
                         self.backbone_width, self.backbone_stem)
     super().__post_init__()
+
+  def _check_encoder(self):
+    if self.encoder not in backbones.HIERARCHICAL:
+      raise ValueError(f"DeepLab encoder must be '' (the atrous ResNet) or one of "
+                       f'{backbones.HIERARCHICAL}, got {self.encoder!r}')
+    if self.output_stride != ENCODER_STRIDE:
+      raise ValueError(f'encoder {self.encoder!r} is not dilated: its last map is at stride '
+                       f'{ENCODER_STRIDE}; set output_stride={ENCODER_STRIDE}, got '
+                       f'{self.output_stride!r}')
+    if self.head == 'torchvision':
+      raise ValueError("head='torchvision' is torchvision's ResNet model; use head='paper' "
+                       f'or mmseg with encoder {self.encoder!r}')
+    rates = tuple(self.aspp_rates)
+    if rates and rates != ENCODER_RATES and not self.allow_custom_rates:
+      raise ValueError(f'aspp_rates {rates} with encoder {self.encoder!r}: use () or '
+                       f'{ENCODER_RATES} (stride 32), or set allow_custom_rates=True')
+
+  def _backbone(self, images, train):
+    """{'stage1'..'stage4': the backbone's maps} and the ASPP's rates."""
+    if not self.encoder:
+      features = resnet.ResNet(depth=self.backbone_depth, output_stride=self.output_stride,
+                               width=self.backbone_width, multi_grid=tuple(self.multi_grid),
+                               contract_dilation=self.contract_dilation,
+                               stem=self.backbone_stem, frozen_bn=self.frozen_bn,
+                               dtype=self.dtype, name='backbone')(images, train=train)
+      return features, aspp_rates_for(self.output_stride, self.aspp_rates,
+                                      self.allow_custom_rates)
+    maps = backbones.hierarchical(self.encoder, drop_path_rate=self.drop_path_rate,
+                                  dtype=self.dtype)(images, train=train)
+    stages = dict(zip(('stage1', 'stage2', 'stage3', 'stage4'), maps))
+    return stages, tuple(self.aspp_rates) or ENCODER_RATES
 
   def _aspp(self, rates, x, train):
     """The ASPP of this model's head on the stride-OS features x."""
@@ -222,12 +270,7 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, images, *, train):
     """images [B, H, W, C] -> logits [B, H, W, num_classes] (float32)."""
-    features = resnet.ResNet(depth=self.backbone_depth, output_stride=self.output_stride,
-                             width=self.backbone_width, multi_grid=tuple(self.multi_grid),
-                             contract_dilation=self.contract_dilation,
-                             stem=self.backbone_stem, frozen_bn=self.frozen_bn,
-                             dtype=self.dtype, name='backbone')(images, train=train)
-    rates = aspp_rates_for(self.output_stride, self.aspp_rates, self.allow_custom_rates)
+    features, rates = self._backbone(images, train)
     bn_train = train and not self.frozen_bn
     if self.aspp:
       x = self._aspp(rates, features['stage4'], train)

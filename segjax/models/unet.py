@@ -9,21 +9,24 @@ and two 3x3 conv-BN-ReLU layers follow. A 1x1 convolution gives the class scores
 padding (instead of the paper's valid convolutions and cropping) keeps the output at input
 size; H and W must be divisible by 2**depth.
 
-`encoder='mit_b0'` ... `'mit_b5'` puts the decoder on SegFormer's MiT (segjax/models/
-backbones/mit.py; its ImageNet weights load with `init_from`, Hugging Face nvidia/mit-b* or
-mmseg's mit_b*.pth), as segmentation_models_pytorch's Unet on its 'mit_b*' encoders: from
-the stride-32 map, each decoder block resizes bilinearly to the next encoder map (strides
-16, 8, 4), concatenates it and applies two 3x3 conv-BN-ReLU layers; two more blocks without
-skips reach strides 2 and 1. Block widths are `features` x 8, 4, 2, 1, 1/2 (smp's 256, 128,
-64, 32, 16 at features 32). Any H and W. `depth` does not apply.
+`encoder` one of `backbones.HIERARCHICAL` ('mit_b0' ... 'mit_b5', 'convnext_tiny' ...,
+'swin_tiny' ...) puts the decoder on SegFormer's MiT, ConvNeXt or Swin (segjax/models/
+backbones/; their ImageNet weights load with `init_from`: Hugging Face nvidia/mit-b*,
+facebook/convnext-*, microsoft/swin-*, timm's convnext_* / swin_*, mmseg's mit_b*.pth and
+pretrain/swin_*.pth, mmpretrain's ConvNeXt), as segmentation_models_pytorch's Unet on its
+'mit_b*' encoders: from the stride-32 map, each decoder block resizes bilinearly to the
+next encoder map (strides 16, 8, 4), concatenates it and applies two 3x3 conv-BN-ReLU
+layers; two more blocks without skips reach strides 2 and 1. Block widths are `features` x
+8, 4, 2, 1, 1/2 (smp's 256, 128, 64, 32, 16 at features 32). Any H and W. `depth` does not
+apply.
 """
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segjax.models.backbones import mit
+from segjax.models import backbones
 from segjax.models.layers import Conv, ConvTranspose, DoubleConv, max_pool_2x2, resize_to
 
-ENCODERS = ('',) + tuple(f'mit_{size}' for size in mit.SIZES)
+ENCODERS = ('',) + backbones.HIERARCHICAL
 _HIERARCHICAL_WIDTHS = (8, 4, 2, 1, 0.5)  # decoder block widths, in units of `features`
 
 
@@ -31,7 +34,7 @@ class Model(nn.Module):
   num_classes: int
   features: int = 64  # the paper's first-level width
   depth: int = 4  # number of poolings (the paper: 4)
-  encoder: str = ''  # '' (the paper's) or 'mit_b0'..'mit_b5'
+  encoder: str = ''  # '' (the paper's) or one of backbones.HIERARCHICAL
   drop_path_rate: float = 0.0  # a transformer encoder's stochastic depth
   dtype: jnp.dtype = jnp.float32
 
@@ -69,9 +72,8 @@ class Model(nn.Module):
     return x
 
   def _hierarchical(self, images, train):
-    size = self.encoder[len('mit_'):]
-    features = mit.MiT(size, self.drop_path_rate, dtype=self.dtype, name='backbone')(
-        images, train=train)
+    features = backbones.hierarchical(self.encoder, drop_path_rate=self.drop_path_rate,
+                                      dtype=self.dtype)(images, train=train)
     x, skips = features[-1], features[-2::-1]  # stride 32; then strides 16, 8, 4
     height, width = images.shape[1:3]
     targets = [s.shape[1:3] for s in skips] + [(-(-height // 2), -(-width // 2)),

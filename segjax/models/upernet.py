@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax.models import fcn
+from segjax.models import backbones
 from segjax.models.backbones import convnext
 from segjax.models.backbones import swin
 from segjax.models.layers import Conv, ConvBNReLU
@@ -115,12 +116,12 @@ class UPerHead(nn.Module):
 
 
 def _backbone_module(model):
-  family, size = model.backbone.split('_')
-  if family == 'convnext':
-    return convnext.ConvNeXt(size, model.width, tuple(model.depths), model.drop_path_rate,
-                             model.layer_scale_init, model.dtype, name='backbone')
-  return swin.SwinTransformer(size, model.width, tuple(model.depths), model.window_size,
-                              model.drop_path_rate, model.dtype, name='backbone')
+  family = model.backbone.split('_')[0]
+  extra = ({'layer_scale_init': model.layer_scale_init} if family == 'convnext'
+           else {'window_size': model.window_size})
+  return backbones.hierarchical(model.backbone, drop_path_rate=model.drop_path_rate,
+                                dtype=model.dtype, width=model.width,
+                                depths=tuple(model.depths), **extra)
 
 
 class Model(nn.Module):

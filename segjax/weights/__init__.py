@@ -87,6 +87,7 @@ class Fit:
   misshaped: list
   unused: list
   adapted: list  # the input kernel, for another input channel count
+  initialised: list  # the table's optional keys the file lacks
 
   @property
   def fits(self):
@@ -113,7 +114,9 @@ def fit(table, state, like):
       outside.append(key)
     else:  # the rest of a larger file (its heads)
       unused.append(key)
-  missing = sorted(set(expected) - set(inside))
+  absent = sorted(set(expected) - set(inside))
+  initialised = [k for k in absent if k.startswith(table.optional)]
+  missing = [k for k in absent if k not in initialised]
   unexpected = sorted(set(inside) - set(expected)) + sorted(outside)
   misshaped, adapted = [], []
   for k in sorted(set(inside) & set(expected)):
@@ -125,7 +128,7 @@ def fit(table, state, like):
     else:
       misshaped.append(f'{k} {shape} (model: {expected[k]})')
   matched = len(set(inside) & set(expected))
-  return Fit(table, matched, missing, unexpected, misshaped, unused, adapted)
+  return Fit(table, matched, missing, unexpected, misshaped, unused, adapted, initialised)
 
 
 def _candidates(model):
@@ -164,6 +167,8 @@ def load(path, model, variables):
   if chosen.adapted:
     what += (f'; adapted {", ".join(chosen.adapted)} (kernels repeated and scaled by weights '
              'channels / input channels; a single channel sums them)')
+  if chosen.initialised:
+    what += f'; not in the file, initialised: {_grouped(chosen.initialised)}'
   if chosen.unused:
     what += f'; not used from the file: {_grouped(chosen.unused)}'
   return variables, table.part, f'init_from {path}: {what}'

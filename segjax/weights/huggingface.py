@@ -42,6 +42,12 @@ head names in `mmseg`), with `ConvNextBackbone` or `SwinBackbone` under 'backbon
 
 The hub's Swin files also hold `relative_position_index` buffers (recomputed here), and
 transformers 5 writes its SwinModel's unused final `swin.layernorm`: neither is loaded.
+
+The same backbone names read the ImageNet classifiers (`ConvNextForImageClassification`,
+facebook/convnext-*-224, under 'convnext.'; `SwinForImageClassification`,
+microsoft/swin-*-patch4-window7-224, under 'swin.') into UPerNet's or U-Net's backbone. They
+have no `hidden_states_norms` (the stage norms keep their initialisation); their pooled
+`layernorm` and `classifier` are not used.
 """
 from segjax.models.backbones import swin
 from segjax.weights import layout
@@ -137,6 +143,30 @@ def _swin_module(modules):
   return f'encoder.layers.{index}.blocks.{block}.{_SWIN_BLOCK["/".join(modules[2:])]}'
 
 
+_STAGE_NORMS = ('hidden_states_norms.',)
+
+
+def convnext_backbones():
+  """transformers' ConvNeXt: `ConvNextBackbone` / `ConvNextModel` files, and the ImageNet
+  `ConvNextForImageClassification` (facebook/convnext-*-224) under 'convnext.', which lack
+  the backbone's stage norms; the classifier's pooled `layernorm` is not used."""
+  table = layout.Table('transformers ConvNext', _convnext_key, part='backbone',
+                       unused=('layernorm.',), optional=_STAGE_NORMS,
+                       input_key='embeddings.patch_embeddings.weight')
+  return [table, table.with_prefix('convnext.')]
+
+
+def swin_backbones(depths):
+  """transformers' Swin, as `convnext_backbones` (microsoft/swin-*-patch4-window7-224
+  `SwinForImageClassification` under 'swin.')."""
+  buffers = mmseg.swin_buffers(
+      depths, 'encoder.layers.{i}.blocks.{j}.attention.self.relative_position_index')
+  table = layout.Table('transformers Swin', layout.module_keys(_swin_module), part='backbone',
+                       unused=('layernorm.',) + buffers, optional=_STAGE_NORMS,
+                       input_key='embeddings.patch_embeddings.projection.weight')
+  return [table, table.with_prefix('swin.')]
+
+
 def upernet(model):
   """transformers' `UperNetForSemanticSegmentation` with a `ConvNextBackbone` or a
   `SwinBackbone` (openmmlab/upernet-{convnext,swin}-*: mmseg's checkpoints converted)."""
@@ -160,8 +190,10 @@ def tables(model):
   kind = type(model).__module__.rsplit('.', 1)[-1]
   if kind == 'segformer':
     return ([segformer(model)] if model.style == 'hf' else []), [mit()]
-  if kind == 'unet' and model.encoder.startswith('mit_'):
-    return [], [mit()]
-  if kind == 'upernet' and not model.width:
-    return [upernet(model)], []
-  return [], []
+  encoder = layout.hierarchical_encoder(model)
+  if not encoder:
+    return [], []
+  family, size, depths = encoder
+  backbones = {'mit': lambda: [mit()], 'convnext': convnext_backbones,
+               'swin': lambda: swin_backbones(depths or swin.SIZES[size][1])}[family]()
+  return ([upernet(model)] if kind == 'upernet' else []), backbones

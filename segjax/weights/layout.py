@@ -72,6 +72,22 @@ def module_keys(module_name):
   return key
 
 
+QKV = ('query', 'key', 'value')
+
+
+def packed_qkv(module_name):
+  """A `Table.key` like `module_keys(module_name)` for a model whose attention's query, key
+  and value Dense layers are one `qkv` Linear in the source (Swin's)."""
+
+  def key(collection, path):
+    if path[-2] in QKV:
+      leaf = LEAF_NAMES.get((collection, path[-1]), path[-1])
+      return Packed(f'{module_name(path[:-2])}.qkv.{leaf}', QKV.index(path[-2]), 3)
+    return module_keys(module_name)(collection, path)
+
+  return key
+
+
 def dotted(path, renames=None):
   """('layer2_0', 'conv1') -> 'layer2.0.conv1': '_' becomes '.', and modules named in
   `renames` ({flax name: source name}) are renamed first."""
@@ -113,6 +129,20 @@ def on_backbone(description, backbone_key, head_names, unused=(), input_key=''):
                input_key=input_key and f'backbone.{input_key}')
 
 
+def hierarchical_encoder(model):
+  """(family, size, blocks per stage or ()) of the MiT, ConvNeXt or Swin backbone of a U-Net
+  or DeepLab, or of a UPerNet at its published widths (the ones published weights fit), else
+  None."""
+  kind = type(model).__module__.rsplit('.', 1)[-1]
+  if kind in ('unet', 'deeplab') and model.encoder:
+    family, size = model.encoder.split('_')
+    return family, size, ()
+  if kind == 'upernet' and not model.width:
+    family, size = model.backbone.split('_')
+    return family, size, tuple(model.depths)
+  return None
+
+
 def adapt_input_channels(kernel, channels):
   """A PyTorch conv kernel [O, I, kh, kw] (I: the weights' input channels, 3 for RGB) for
   `channels` inputs: one channel gets the sum over I (a gray image g gives what the RGB
@@ -139,8 +169,11 @@ class Table:
   """One source's names for the variables of a segjax model ('model') or its backbone.
 
   key: (collection, flax path) -> the source's key. unused: prefixes of source keys that
-  are not loaded (an ImageNet classifier). resizable: source keys whose shape may differ
-  from the model's (`from_torch` resamples them, e.g. ViT position embeddings).
+  are not loaded (an ImageNet classifier). optional: prefixes of the table's keys that a
+  file may lack; their leaves keep the model's initialisation (the per-stage output norms
+  that segmentation backbones add to an ImageNet classifier). resizable: source keys whose
+  shape may differ from the model's (`from_torch` resamples them, e.g. ViT position
+  embeddings).
   to_torch / from_torch: per-key array conversions beyond the kernel transposes
   ((key, array) -> array and (key, array, flax shape) -> array).
   """
@@ -148,6 +181,7 @@ class Table:
   key: Callable
   part: str = 'model'  # 'model': all variables; 'backbone': each collection's 'backbone'
   unused: tuple = ()
+  optional: tuple = ()
   resizable: tuple = ()
   to_torch: Callable = _identity
   from_torch: Callable = _identity
@@ -201,12 +235,16 @@ class Table:
     return shapes
 
   def from_source(self, state, like):
-    """Inverse of `to_source`: float32 variables shaped like `like` from `state`."""
+    """Inverse of `to_source`: float32 variables shaped like `like` from `state`; the
+    `optional` leaves that `state` lacks are `like`'s."""
     variables = {}
     for collection, tree in like.items():
       flat = {}
       for path, leaf in flax.traverse_util.flatten_dict(tree).items():
         key = self.source_key(collection, path)
+        if isinstance(key, str) and key not in state and key.startswith(self.optional):
+          flat[path] = leaf
+          continue
         if isinstance(key, Packed):
           packed = np.asarray(state[key.key], np.float32)
           size = len(packed) // key.count
@@ -226,4 +264,5 @@ class Table:
     return dataclasses.replace(self, prefix=prefix + self.prefix,
                                description=description or self.description,
                                unused=tuple(prefix + u for u in self.unused),
+                               optional=tuple(prefix + o for o in self.optional),
                                resizable=tuple(prefix + r for r in self.resizable))

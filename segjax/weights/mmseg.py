@@ -72,6 +72,12 @@ Its UPerNet (`UPerHead`, the auxiliary `FCNHead`; `segjax.models.upernet`) on mm
                                               (4C axis in unfold order there: permuted)
 
 Swin files also hold the `relative_position_index` buffers, which are recomputed here.
+
+The backbone names alone read the ImageNet files mmseg's UPerNet configs start from, into
+UPerNet's or U-Net's backbone: mmpretrain's ConvNeXt classifiers ('backbone.' keys with the
+last stage's `norm3` only; `head.*` unused) and mmseg's pretrain/swin_*.pth (the official
+classifiers converted by swin2mmseg: no stage norms; the final `norm` unused). Stage norms a
+file lacks keep their initialisation, as in mmseg.
 """
 import dataclasses
 import math
@@ -302,7 +308,7 @@ def _convnext_module(modules):
 
 
 def _swin_module(modules):
-  """mmseg's name of a Swin module path below backbone/ (its q, k, v: `_swin_key`)."""
+  """mmseg's name of a Swin module path below backbone/ (q, k, v: `layout.packed_qkv`)."""
   top = modules[0]
   kind, _, index = top.rpartition('_')
   if top == 'patch_embed':
@@ -316,15 +322,6 @@ def _swin_module(modules):
   return f'stages.{index}.blocks.{modules[1][len("blocks_"):]}.{names["/".join(modules[2:])]}'
 
 
-def _swin_key(collection, path):
-  if path[-2] in _QKV:  # one qkv Linear there
-    leaf = {'kernel': 'weight', 'bias': 'bias'}[path[-1]]
-    return layout.Packed(f'{_swin_module(path[:-2])}.qkv.{leaf}',
-                         _QKV.index(path[-2]), 3)
-  return layout.module_keys(_swin_module)(collection, path)
-
-
-_QKV = ('query', 'key', 'value')
 _MERGING = ('downsample.reduction.weight', 'downsample.norm.weight', 'downsample.norm.bias')
 
 
@@ -347,6 +344,27 @@ def _merging_from_mmseg(key, array, shape):
   return np.swapaxes(array, -1, -2).reshape(*lead, channels)
 
 
+SWIN_KEY = layout.packed_qkv(_swin_module)
+STAGE_NORMS = tuple(f'norm{i}.' for i in range(4))
+
+
+def convnext_backbone():
+  """mmpretrain's `ConvNeXt` (its ImageNet classifiers, e.g. convnext-tiny_3rdparty_32xb128-
+  noema_in1k, which mmseg's UPerNet configs start from: they hold `norm3` only)."""
+  return layout.Table('mmpretrain ConvNeXt', layout.module_keys(_convnext_module),
+                      part='backbone', optional=STAGE_NORMS,
+                      input_key='downsample_layers.0.0.weight')
+
+
+def swin_backbone(depths):
+  """mmseg's `SwinTransformer` (pretrain/swin_*.pth: the official ImageNet classifiers
+  converted by swin2mmseg, whose final `norm` is not used)."""
+  buffers = swin_buffers(depths, 'stages.{i}.blocks.{j}.attn.w_msa.relative_position_index')
+  return layout.Table('mmseg Swin', SWIN_KEY, part='backbone', unused=('norm.',) + buffers,
+                      optional=STAGE_NORMS, to_torch=_merging_to_mmseg,
+                      from_torch=_merging_from_mmseg, input_key='patch_embed.projection.weight')
+
+
 def swin_buffers(depths, prefix):
   """The relative_position_index buffers a Swin checkpoint holds (recomputed here), as key
   prefixes: `prefix`.format(i=stage, j=block)."""
@@ -363,7 +381,7 @@ def upernet(model):
   depths = tuple(model.depths) or swin.SIZES[size][1]
   buffers = swin_buffers(
       depths, 'backbone.stages.{i}.blocks.{j}.attn.w_msa.relative_position_index')
-  table = upernet_table(f'mmseg UPerNet Swin-{size}', model, _swin_key,
+  table = upernet_table(f'mmseg UPerNet Swin-{size}', model, SWIN_KEY,
                         'patch_embed.projection.weight', head, buffers)
   return dataclasses.replace(table, to_torch=_merging_to_mmseg, from_torch=_merging_from_mmseg)
 
@@ -372,7 +390,7 @@ def tables(model):
   """(whole-model tables, backbone tables) of `model` in mmseg's names (its 'b' configs,
   e.g. fcn_r50b-d8, put the heads on torchvision's ResNet: `backbone_stem='torchvision'`)."""
   kind = type(model).__module__.rsplit('.', 1)[-1]
-  if kind == 'deeplab' and model.backbone_width == 64:
+  if kind == 'deeplab' and model.backbone_width == 64 and not model.encoder:
     deep = model.backbone_stem == 'deep'
     return ([deeplab(model)] if model.head == 'mmseg' else []), [resnet_v1c()] if deep else []
   if kind == 'fcn' and model.width == 64 and not model.backbone.startswith('vgg'):
@@ -383,8 +401,10 @@ def tables(model):
     return ([segmenter(model)] if model.decoder == 'mask' else []), [vit_table()]
   if kind == 'segformer':
     return ([segformer(model)] if model.style == 'mmseg' else []), [mit_table()]
-  if kind == 'unet' and model.encoder.startswith('mit_'):
-    return [], [mit_table()]
-  if kind == 'upernet' and not model.width:
-    return [upernet(model)], []
-  return [], []
+  encoder = layout.hierarchical_encoder(model)
+  if not encoder:
+    return [], []
+  family, size, depths = encoder
+  backbone = {'mit': mit_table, 'convnext': convnext_backbone,
+              'swin': lambda: swin_backbone(depths or swin.SIZES[size][1])}[family]()
+  return ([upernet(model)] if kind == 'upernet' else []), [backbone]

@@ -151,7 +151,7 @@ def tables(model):
   """The tables of `model` this source has: (whole-model tables, backbone tables)."""
   kind = type(model).__module__.rsplit('.', 1)[-1]
   if kind == 'deeplab':
-    if model.backbone_width != 64 or model.backbone_stem != 'torchvision':
+    if model.encoder or model.backbone_width != 64 or model.backbone_stem != 'torchvision':
       return [], []
     whole = [deeplab(model)] if model.head == 'torchvision' else []
     return whole, [resnet()]
