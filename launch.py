@@ -3,6 +3,7 @@
   python launch.py --config experiments/unet.py [--config.total_steps=4000] [--workdir DIR]
   python launch.py --config experiments/unet.py --mode eval
   python launch.py --config experiments/unet.py --mode predict --images DIR_OR_GLOB --output DIR
+  python launch.py --config experiments/unet.py --mode export --output DIR [--export_size HxW]
   python launch.py --config experiments/ablations/unet_size.py --mode sweep [--dry_run]
   python launch.py --mode report --workdir runs/unet_size
 
@@ -25,6 +26,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from segjax import export
 from segjax import parallel
 from segjax import predict
 from segjax import sweep
@@ -37,9 +39,11 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Directory for checkpoints, logs and metrics (default: runs/<config name>).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'sweep', 'report'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export', 'sweep', 'report'],
                   'train: train (or resume) then evaluate; eval: evaluate the best checkpoint; '
                   'predict: label the --images with the best checkpoint into --output; '
+                  'export: write the best checkpoint as model.stablehlo, model.onnx and '
+                  'model.json into --output; '
                   "sweep: train every point of the config file's get_hyper in <workdir>/<point>; "
                   "report: rewrite a sweep's results.md/csv/png in --workdir.")
 flags.DEFINE_bool('dry_run', False,
@@ -47,7 +51,10 @@ flags.DEFINE_bool('dry_run', False,
 flags.DEFINE_string('images', None, '--mode predict: a directory of images (not recursive), '
                     'a quoted glob ("**" recurses) or one image file.')
 flags.DEFINE_string('output', None, '--mode predict: directory for <stem>.png (class-index '
-                    'palette PNG) and <stem>_overlay.png per image.')
+                    'palette PNG) and <stem>_overlay.png per image; --mode export: directory '
+                    'for model.stablehlo, model.onnx and model.json.')
+flags.DEFINE_string('export_size', None, '--mode export: the input size, a side or HxW '
+                    '(default: dataset.eval_pad_size, else the crop dataset.image_size).')
 flags.DEFINE_string('coordinator_address', None,
                     'Multi-process runs: host:port of process 0, the same for every process; '
                     'with --num_processes and --process_id. TPU pods and SLURM jobs need none '
@@ -123,8 +130,14 @@ def main(argv):
     return
   if FLAGS.mode == 'predict' and not (FLAGS.images and FLAGS.output):
     sys.exit('error: --mode predict needs --images DIR_OR_GLOB and --output DIR')
-  if FLAGS.mode != 'predict' and (FLAGS.images or FLAGS.output):
-    sys.exit('error: --images and --output are for --mode predict')
+  if FLAGS.mode == 'export' and not FLAGS.output:
+    sys.exit('error: --mode export needs --output DIR')
+  if FLAGS.images and FLAGS.mode != 'predict':
+    sys.exit('error: --images is for --mode predict')
+  if FLAGS.output and FLAGS.mode not in ('predict', 'export'):
+    sys.exit('error: --output is for --mode predict and --mode export')
+  if FLAGS.export_size and FLAGS.mode != 'export':
+    sys.exit('error: --export_size is for --mode export')
   config = load_config()
   workdir = FLAGS.workdir or default_workdir()
   try:
@@ -137,6 +150,8 @@ def main(argv):
       train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == 'eval':
       train.evaluate_checkpoint(config, workdir)
+    elif FLAGS.mode == 'export':
+      export.export_model(config, workdir, FLAGS.output, FLAGS.export_size)
     else:
       predict.predict_files(config, workdir, FLAGS.images, FLAGS.output)
   except SegjaxError as e:

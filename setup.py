@@ -28,6 +28,7 @@ setuptools.setup(
         'matplotlib>=3.8,<4',  # the confusion-matrix plot of evaluation reports
         'tifffile>=2023.1,<2028',  # multi-channel TIFF images in folder datasets
         'pycocotools>=2.0.8,<2.1',  # COCO's polygons and RLE -> masks (dataset coco_voc)
+        'flatbuffers>=24.3,<26',  # jax.export's serializer (--mode export's model.stablehlo)
     ],
     extras_require={
         # PyTorch reads .pth weights; it, mmsegmentation's model code (on mmcv-lite, no
@@ -38,6 +39,8 @@ setuptools.setup(
         'test': ['pytest>=8,<10', 'torch==2.13.0', 'hypothesis>=6.100,<7',
                  'mmcv-lite==2.1.0', 'mmengine>=0.10.4,<0.11', 'mmsegmentation==1.2.2',
                  'mmpretrain==1.2.0',  # the ConvNeXt of mmseg's UPerNet configs
-                 'ftfy>=6.1,<7', 'regex>=2023.1', 'transformers>=5.25,<6'],
+                 'ftfy>=6.1,<7', 'regex>=2023.1', 'transformers>=5.25,<6',
+                 # ONNX export checked with onnxruntime (jax2onnx itself: --no-deps, README)
+                 'onnx>=1.20.1,<2', 'onnx-ir>=0.2.1,<2', 'onnxruntime>=1.24.1,<2'],
     },
 )

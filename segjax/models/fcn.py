@@ -124,7 +124,10 @@ class LearnedUpsample(nn.Module):
     # correlation over (previous, current) cells that is tap 1 - a.
     taps = kernel.reshape(2, f, 2, f, channels, channels)[::-1, :, ::-1]
     taps = taps.transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, channels, f * f * channels)
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='edge')
+    # Edge padding by one cell as concatenated edge slices: jnp.pad(mode='edge') emits
+    # zero-sized broadcasts for the unpadded axes, which jax2onnx converts wrongly (ONNX).
+    x = jnp.concatenate([x[:, :1], x, x[:, -1:]], axis=1)
+    padded = jnp.concatenate([x[:, :, :1], x, x[:, :, -1:]], axis=2)
     y = jax.lax.conv_general_dilated(
         padded.astype(self.dtype), taps.astype(self.dtype), (1, 1), 'VALID',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))

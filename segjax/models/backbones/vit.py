@@ -122,13 +122,27 @@ def torch_bicubic_matrix(out_size, in_size):
   return matrix.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def antialiased_bicubic_matrix(out_size, in_size):
+  """[out_size, in_size] float32 weights of `jax.image.resize(method='bicubic',
+  antialias=True)` along one axis (Keys' a = -0.5, widened by in / out when shrinking):
+  the resize of the identity, computed eagerly, so that a traced model holds a constant
+  matrix product, which exports to ONNX (jax2onnx has no antialiased Resize)."""
+  with jax.ensure_compile_time_eval():
+    matrix = jax.image.scale_and_translate(
+        jnp.eye(in_size, dtype=jnp.float32), (out_size, in_size), (0,),
+        jnp.asarray([out_size / in_size], jnp.float32), jnp.zeros(1, jnp.float32),
+        'bicubic', antialias=True)
+  return np.asarray(matrix, np.float32)
+
+
 def resample_pos_embed(pos_embed, grid, method='timm'):
   """Position embeddings [1, 1 + n*n, D] for an n x n grid -> [1, 1 + h*w, D], grid = (h, w).
 
   The class token's embedding (first) is kept; the grid part is resized bicubically:
   `method` 'timm' with antialiasing (timm's `resample_abs_pos_embed`), 'torch' as PyTorch's
-  plain bicubic interpolate (mmsegmentation's `resize_pos_embed`). Returns `pos_embed`
-  itself when the grid is unchanged.
+  plain bicubic interpolate (mmsegmentation's `resize_pos_embed`), either as a product with
+  one constant matrix per axis. Returns `pos_embed` itself when the grid is unchanged.
   """
   num_grid = pos_embed.shape[1] - 1
   side = math.isqrt(num_grid)
@@ -139,12 +153,10 @@ def resample_pos_embed(pos_embed, grid, method='timm'):
   dim = pos_embed.shape[-1]
   cls_embed, grid_embed = pos_embed[:, :1], pos_embed[:, 1:]
   grid_embed = grid_embed.reshape(side, side, dim).astype(jnp.float32)
-  if method == 'timm':
-    grid_embed = jax.image.resize(grid_embed, (*grid, dim), method='bicubic', antialias=True)
-  else:
-    rows, cols = (torch_bicubic_matrix(n, side) for n in grid)
-    grid_embed = jnp.einsum('hi,wj,ijd->hwd', rows, cols, grid_embed,
-                            precision=jax.lax.Precision.HIGHEST)
+  matrix = antialiased_bicubic_matrix if method == 'timm' else torch_bicubic_matrix
+  rows, cols = (matrix(n, side) for n in grid)
+  grid_embed = jnp.einsum('hi,wj,ijd->hwd', rows, cols, grid_embed,
+                          precision=jax.lax.Precision.HIGHEST)
   grid_embed = grid_embed.reshape(1, grid[0] * grid[1], dim).astype(pos_embed.dtype)
   return jnp.concatenate([cls_embed, grid_embed], axis=1)
 
