@@ -127,7 +127,7 @@ def _convnext(size):
 
 
 def _swin(size, window=0):
-  return f'backbone=swin_{size},window_size={window},layer_scale_init=1e-06,{_MMSEG},{_SWIN}'
+  return f'backbone=swin_{size},window_size={window},{_MMSEG},{_SWIN}'
 
 
 _HUB = 'openmmlab/upernet-{}/model.safetensors'
@@ -173,9 +173,11 @@ def get_config(arg=None):
   variant = configs.parse_arg(RECIPES.get(arg, arg), **DEFAULTS)
   config = configs.base_config()
   config.model.name = 'upernet'
-  for field in ('backbone', 'width', 'window_size', 'drop_path_rate', 'layer_scale_init',
-                'dropout', 'channels', 'aux_channels'):
+  for field in ('backbone', 'width', 'window_size', 'drop_path_rate', 'dropout', 'channels',
+                'aux_channels'):
     config.model[field] = variant[field]
+  if variant.backbone.startswith('convnext'):  # Swin has no layer scale
+    config.model.layer_scale_init = variant.layer_scale_init
   config.model.depths = _counts(variant.depths)
   config.dataset.name = variant.dataset
   config.dataset.image_size = variant.image_size

@@ -238,34 +238,6 @@ def _depthwise_by_taps(inputs, kernel, strides, dilation, padding):
 
 
 class DepthwiseConv(nn.Module):
-  """`kernel` x `kernel` depthwise convolution without bias, padded (kernel - 1) // 2 *
-  dilation on each side (PyTorch's): [B, H, W, C] -> [B, ceil(H / strides), ceil(W /
-  strides), C]. Its parameter is `nn.Conv`'s with feature_group_count C: 'kernel' [k, k, 1,
-  C]. In the 'cpu' formulation (`kernels`) it is computed tap by tap
-  (`_depthwise_by_taps`), elsewhere as one grouped convolution. Why: XLA:CPU computes a
-  grouped convolution's gradients through a dense [k, k, C, C] kernel, C times the work: a
-  LR-ASPP MobileNetV3-Large train step at 16 x 96^2 took 2.0 s that way, 1.9 s of it in the
-  depthwise convolutions, and 0.47 s tap by tap (2-core CPU shared with other jobs).
-  """
-  kernel: int
-  strides: int = 1
-  dilation: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    channels, pad = x.shape[-1], (self.kernel - 1) // 2 * self.dilation
-    kernel = self.param('kernel', resnet.conv_init, (self.kernel, self.kernel, 1, channels))
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    if kernels.formulation() == 'cpu':
-      return _depthwise_by_taps(x, kernel, self.strides, self.dilation, pad)
-    return jax.lax.conv_general_dilated(
-        x, kernel, (self.strides, self.strides), ((pad, pad), (pad, pad)),
-        rhs_dilation=(self.dilation, self.dilation),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=channels)
-
-
-class DepthwiseConv(nn.Module):
   """`kernel` x `kernel` depthwise convolution, padded (kernel - 1) // 2 * dilation on each
   side (PyTorch's): [B, H, W, C] -> [B, ceil(H / strides), ceil(W / strides), C] (odd
   kernels). Its parameters are `nn.Conv`'s with feature_group_count C: 'kernel' [k, k, 1, C]
