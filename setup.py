@@ -8,10 +8,13 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['segjax', 'segjax.*']),
     # jax 0.10, flax 0.12 and orbax-checkpoint 0.12 need Python 3.11 or newer.
     python_requires='>=3.11',
-    # Ranges tested together on CPU with Python 3.11, 3.12 and 3.13.
+    # Ranges tested together on CPU (README, "Tested versions"): the newest JAX of each Python,
+    # 0.10 on 3.11 (JAX 0.11+ and flax 0.12.9+ need 3.12), 0.12 with flax 0.12.12 on 3.12+.
     install_requires=[
-        'jax>=0.10.0,<0.11',
-        'flax>=0.12.0,<0.13',
+        'jax>=0.10.0,<0.11; python_version < "3.12"',
+        'jax>=0.12.0,<0.13; python_version >= "3.12"',
+        'flax>=0.12.0,<0.13; python_version < "3.12"',
+        'flax>=0.12.12,<0.13; python_version >= "3.12"',
         'optax>=0.2.5,<0.3',
         'orbax-checkpoint>=0.12.0,<0.13',
         'tensorflow-datasets>=4.9.9,<4.10',
@@ -33,14 +36,18 @@ setuptools.setup(
     extras_require={
         # PyTorch reads .pth weights; it, mmsegmentation's model code (on mmcv-lite, no
         # compiled ops; ftfy and regex for its tokenizer import) and Hugging Face
-        # transformers' are the references of the weight-parity tests (tests/references.py). This exact torch is a small CPU build
-        # where CI runs (a range would pull a CUDA one). torchvision 0.28.0 is installed
-        # with --no-deps (README): its declared torch pin would pull the CUDA build.
-        'test': ['pytest>=8,<10', 'torch==2.13.0', 'hypothesis>=6.100,<7',
-                 'mmcv-lite==2.1.0', 'mmengine>=0.10.4,<0.11', 'mmsegmentation==1.2.2',
-                 'mmpretrain==1.2.0',  # the ConvNeXt of mmseg's UPerNet configs
-                 'ftfy>=6.1,<7', 'regex>=2023.1', 'transformers>=5.25,<6',
-                 # ONNX export checked with onnxruntime (jax2onnx itself: --no-deps, README)
-                 'onnx>=1.20.1,<2', 'onnx-ir>=0.2.1,<2', 'onnxruntime>=1.24.1,<2'],
+        # transformers' are the references of the weight-parity tests (tests/references.py).
+        # This exact torch is a small CPU build where CI runs, on Python 3.11 only (a range,
+        # or Python 3.12+, would pull a multi-GB CUDA one): on 3.12+ those tests skip.
+        # torchvision 0.28.0 is installed with --no-deps (README): its declared torch pin
+        # would pull the CUDA build.
+        # ONNX export is checked with onnxruntime (jax2onnx itself: --no-deps, README).
+        'test': ['pytest>=8,<10', 'hypothesis>=6.100,<7', 'onnx>=1.20.1,<2',
+                 'onnx-ir>=0.2.1,<2', 'onnxruntime>=1.24.1,<2'] + [
+            f'{requirement}; python_version < "3.12"' for requirement in (
+                'torch==2.13.0', 'mmcv-lite==2.1.0', 'mmengine>=0.10.4,<0.11',
+                'mmsegmentation==1.2.2',
+                'mmpretrain==1.2.0',  # the ConvNeXt of mmseg's UPerNet configs
+                'ftfy>=6.1,<7', 'regex>=2023.1', 'transformers>=5.25,<6')],
     },
 )

@@ -127,7 +127,7 @@ def restore_variables(config, workdir):
   shapes = jax.eval_shape(functools.partial(train.create_train_state, model=model,
                                             config=config, input_shape=input_shape),
                           jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         shapes)
   state = None

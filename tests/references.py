@@ -4,7 +4,8 @@ torch and torchvision (installed with --no-deps: its C extension is a CUDA build
 `torchvision::` operators are absent, so their fake-kernel registrations are skipped; the
 model code is pure PyTorch), mmsegmentation on mmcv-lite (which has no compiled `mmcv.ops`:
 a stub module stands in and raises only when an op is used) and Hugging Face transformers.
-Each `import_*` skips the calling test when the package is not installed.
+Each `import_*` skips the calling test when the package is not installed; `torch` is None
+without PyTorch.
 """
 import importlib.machinery
 import importlib.util
@@ -13,6 +14,14 @@ import sys
 import types
 
 import pytest
+
+try:
+  import torch
+except ImportError:  # e.g. on Python 3.12+, where PyPI has no small CPU build (README)
+  torch = None
+
+# For tests that use `torch` before any import_* below would skip them.
+needs_torch = pytest.mark.skipif(torch is None, reason='needs PyTorch')
 
 
 def import_torch():

@@ -3,8 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
+import references
+from references import torch
 from segjax.models import attention
 
 
@@ -23,6 +24,7 @@ def torch_attention(q, k, v, bias=None):
   return out.transpose(1, 2).numpy()
 
 
+@references.needs_torch
 @pytest.mark.parametrize('with_bias', [False, True])
 @pytest.mark.parametrize('name', ['einsum', 'jax'])
 def test_each_implementation_matches_pytorch(name, with_bias):

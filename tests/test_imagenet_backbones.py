@@ -10,9 +10,9 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-import torch
 
 import references
+from references import torch
 import test_weights
 from segjax import models
 from segjax import weights
@@ -120,6 +120,7 @@ def initial_variables(model, size):
                                    train=False))
 
 
+@references.needs_torch
 @pytest.mark.parametrize('source', sorted(REFERENCES))
 @pytest.mark.parametrize('family', ['convnext', 'swin'])
 def test_imagenet_classifier_loads_the_upernet_backbone_and_gives_its_maps(source, family,
@@ -152,6 +153,7 @@ def hierarchical_model(family, encoder):
       {**HIERARCHICAL_MODELS[family], 'encoder': encoder}), 6)
 
 
+@references.needs_torch
 @pytest.mark.parametrize('family', sorted(HIERARCHICAL_MODELS))
 def test_convnext_encoder_loads_timms_imagenet_weights(family, tmp_path):
   """U-Net's and DeepLab's ConvNeXt-T encoder is UPerNet's: the full-size timm file loads."""
@@ -170,6 +172,7 @@ def test_convnext_encoder_loads_timms_imagenet_weights(family, tmp_path):
       reference.state_dict()['stages.2.blocks.8.gamma'].numpy())
 
 
+@references.needs_torch
 def test_a_classifier_missing_a_block_is_refused(tmp_path):
   """Only the stage norms may be missing: a file without a block's weights does not fit."""
   references.import_torchvision()

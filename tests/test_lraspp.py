@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import torch
 
 import references
+from references import torch
 import test_weights
 from segjax import configs
 from segjax import models
@@ -78,6 +78,7 @@ def saved_lraspp(request, tmp_path_factory):
 
 # ---------------------------------------------------------------------------- architecture
 
+@references.needs_torch
 @pytest.mark.parametrize('arch', ARCHS)
 def test_parameter_counts_equal_torchvisions(arch):
   """Ours against torchvision's published counts and its code's: the backbone without the
@@ -97,6 +98,7 @@ def test_parameter_counts_equal_torchvisions(arch):
   assert num_params(variables['batch_stats']) == buffers
 
 
+@references.needs_torch
 @pytest.mark.parametrize('arch,low,low_channels,high_channels', [
     ('mobilenet_v3_large', 'block4', 40, 960),
     ('mobilenet_v3_small', 'block2', 24, 576),
@@ -156,6 +158,7 @@ def test_another_class_count_or_width_loads_the_backbone_and_says_why(saved_lras
     assert variables['params']['high_classifier'] is like['params']['high_classifier']
 
 
+@references.needs_torch
 @pytest.mark.parametrize('arch', ARCHS)
 def test_imagenet_file_loads_the_backbone_and_gives_torchvisions_features(arch, tmp_path):
   """An ImageNet state dict ('features.*', its classifier unused) starts the backbone; the

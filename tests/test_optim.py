@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
+import references
+from references import torch
 from segjax import configs
 from segjax import optim
 from segjax.errors import ConfigError
@@ -69,6 +70,7 @@ def flat(params):
 KERNELS = ['backbone/conv/kernel', 'decode_head/classifier/kernel']
 
 
+@references.needs_torch
 def test_without_groups_adamw_matches_torch_decaying_kernels_only():
   ours = flat(run_segjax(adamw_config()))
   others = [n for n in flat(tree(0)) if n not in KERNELS]
@@ -77,6 +79,7 @@ def test_without_groups_adamw_matches_torch_decaying_kernels_only():
     np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@references.needs_torch
 def test_segformer_style_groups_match_torch_param_groups():
   # mmseg's SegFormer: custom_keys {'norm': decay_mult 0, 'head': lr_mult 10}, decay on all.
   groups = (('norm', 1.0, 0.0), ('head', 10.0, 1.0))
@@ -110,6 +113,7 @@ def numbered_model(monkeypatch):
   return 'numbered'
 
 
+@references.needs_torch
 def test_layer_decay_scales_learning_rates_as_mmseg(numbered_model):
   config = adamw_config()
   config.model.name = numbered_model

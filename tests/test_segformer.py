@@ -8,9 +8,9 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-import torch
 
 import references
+from references import torch
 import test_weights
 from segjax import models
 from segjax import optim

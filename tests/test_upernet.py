@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import torch
 
 import references
+from references import torch
 import test_weights
 from segjax import models
 from segjax import optim
@@ -164,8 +164,8 @@ def test_recipe_parameter_groups_are_mmsegs(family):
 
 
 def test_layer_ids_are_mmsegs_stage_ids():
-  from mmseg.engine.optimizers.layer_decay_optimizer_constructor import get_stage_id_for_convnext  # pylint: disable=g-import-not-at-top
   references.import_mmseg()
+  from mmseg.engine.optimizers.layer_decay_optimizer_constructor import get_stage_id_for_convnext  # pylint: disable=g-import-not-at-top
   model = build(backbone='convnext_tiny', depths=DEPTHS)
   params = test_weights.abstract_variables(model)['params']
   table = mmseg_weights.upernet(model)
@@ -190,6 +190,7 @@ def test_training_sows_the_auxiliary_logits_at_input_size():
   assert 'aux_head' not in test_weights.abstract_variables(no_aux)['params']
 
 
+@references.needs_torch
 def test_adaptive_pooling_is_pytorchs():
   x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
   for size in (1, 2, 3, 6):

@@ -14,9 +14,9 @@ import re
 import jax
 import numpy as np
 import pytest
-import torch
 
 import references
+from references import torch
 from segjax import data as data_lib
 from segjax import models
 from segjax import weights
@@ -298,6 +298,7 @@ def torchvision_deeplab_file(tmp_path_factory):
   return path
 
 
+@references.needs_torch
 def test_another_class_count_loads_the_backbone_and_says_why(torchvision_deeplab_file):
   model = segjax_model('deeplab', 'torchvision_deeplabv3_resnet50', 5)
   like = abstract_variables(model)
@@ -309,6 +310,7 @@ def test_another_class_count_loads_the_backbone_and_says_why(torchvision_deeplab
   assert variables['params']['classifier'] is like['params']['classifier']  # left as it was
 
 
+@references.needs_torch
 def test_a_model_without_the_aux_head_skips_it_and_says_so(torchvision_deeplab_file):
   config = recipe_config('deeplab', 'torchvision_deeplabv3_resnet50')
   config.model.aux_head = False
@@ -317,6 +319,7 @@ def test_a_model_without_the_aux_head_skips_it_and_says_so(torchvision_deeplab_f
   assert part == 'model' and 'not used from the file: aux_classifier.* (7)' in message
 
 
+@references.needs_torch
 def test_prefixed_and_half_precision_files_load(torchvision_deeplab_file, tmp_path):
   from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top
   state = torch.load(torchvision_deeplab_file, weights_only=True)
@@ -396,6 +399,7 @@ def test_eval_mode_runs_the_published_weights_without_a_checkpoint(data_dir, tmp
   np.testing.assert_array_equal(result['confusion'], expected)
 
 
+@references.needs_torch
 def test_eval_mode_refuses_a_backbone_file_without_a_checkpoint(data_dir, tmp_path):
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from segjax import train  # pylint: disable=g-import-not-at-top
