@@ -121,8 +121,9 @@ def initial_variables(model, size):
 
 
 @references.needs_torch
-@pytest.mark.parametrize('source', sorted(REFERENCES))
-@pytest.mark.parametrize('family', ['convnext', 'swin'])
+@pytest.mark.parametrize('source,family', [  # transformers' (its import alone ~20 s): slow
+    (source, family) if source != 'hf' else pytest.param(source, family, marks=pytest.mark.slow)
+    for source in sorted(REFERENCES) for family in ('convnext', 'swin')])
 def test_imagenet_classifier_loads_the_upernet_backbone_and_gives_its_maps(source, family,
                                                                           tmp_path):
   path, reference_maps = REFERENCES[source](family, str(tmp_path))
