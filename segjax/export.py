@@ -79,9 +79,9 @@ def export_size(config, size=None):
   `dataset.eval_pad_size`, else the training crop `dataset.image_size`."""
   if isinstance(size, str):
     try:
-      sides = [int(side) for side in size.lower().split('x')]
+      sides = configs.size_value(size.lower()) or ()
     except ValueError:
-      sides = []
+      sides = ()
     if len(sides) not in (1, 2) or min(sides) < 1:
       raise ConfigError(f'--export_size {size!r} is not a size: pass a side (512) or '
                         'HEIGHTxWIDTH (512x1024)')
@@ -300,17 +300,9 @@ def export_model(config, workdir, output, size=None, onnx=True):
   except OSError as e:
     raise SegjaxError(f'cannot create --output {output} ({e.strerror}); pass a writable '
                       'directory') from e
-  model, variables, step = predict_lib.restore_variables(config, workdir)
-  if step:  # restore_variables tries the best checkpoint first, then the latest
-    best = os.path.join(os.path.abspath(workdir), 'best', str(step))
-    which = 'best' if os.path.isdir(best) else 'latest'
-    path = best if which == 'best' else os.path.join(os.path.abspath(workdir), 'checkpoints',
-                                                     str(step))
-    source = {'checkpoint': path, 'which': which, 'step': step}
-    described = f'the {which} checkpoint (step {step}) in {workdir}'
-  else:
-    source = {'init_from': config.init_from, 'step': 0}
-    described = config.init_from
+  model, variables, source = predict_lib.restore_variables(config, workdir)
+  described = (f'the {source["which"]} checkpoint (step {source["step"]}) in {workdir}'
+               if source['step'] else config.init_from)
   print(f'Exporting {described} ({config.model.name}, {height}x{width}x{channels}) to '
         f'{output} ...', flush=True)
   infer = inference_function(model, variables, config)

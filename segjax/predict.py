@@ -117,10 +117,11 @@ def padded_size(height, width, eval_pad_size):
 # ---------------------------------------------------------------------------- model
 
 def restore_variables(config, workdir):
-  """(model, variables {'params', 'batch_stats'} on one device, checkpoint step) of the best
-  checkpoint in `workdir`, else its latest, else (step 0) the whole model of
-  `config.init_from`. Builds the model and the train state's shapes only (no dataset is
-  read, nothing is initialised); SegjaxError if there is neither."""
+  """(model, variables {'params', 'batch_stats'} on one device, source) of the best
+  checkpoint in `workdir`, else its latest, else the whole model of `config.init_from`;
+  source: {'checkpoint': its directory, 'which': 'best' or 'latest', 'step'} or
+  {'init_from': the file, 'step': 0}. Builds the model and the train state's shapes only
+  (no dataset is read, nothing is initialised); SegjaxError if there is neither."""
   spec = data_lib.get_spec(config.dataset)
   model = models_lib.get_model(config.model, spec.num_classes)
   input_shape = transforms.model_input_shape(config.dataset)
@@ -133,19 +134,23 @@ def restore_variables(config, workdir):
   state = None
   if os.path.isdir(workdir):
     checkpoints = checkpoint_lib.Checkpoints(workdir, config.max_to_keep)
-    state, _ = checkpoints.restore_best_or_latest(target)
+    state, which = checkpoints.restore_best_or_latest(target)
+    if state is not None:
+      directory = getattr(checkpoints, which).directory
+      source = {'checkpoint': os.path.join(str(directory), str(int(state.step))),
+                'which': which, 'step': int(state.step)}
     checkpoints.close()
   if state is None and config.init_from:
     like = {'params': shapes.params, 'batch_stats': shapes.batch_stats}
     variables, part, message = weights.load(config.init_from, model, like)
     train.require_whole_model(part, config.init_from)
     print(f'No checkpoint in {workdir}: {message}', flush=True)
-    return model, jax.device_put(variables, device), 0
+    return model, jax.device_put(variables, device), {'init_from': config.init_from, 'step': 0}
   if state is None:
     raise SegjaxError(f'no checkpoint in {workdir}; train first (same --config and --workdir), '
                       'pass the --workdir of a trained run, or published weights with '
                       '--config.init_from=FILE')
-  return model, semi.inference_variables(state), int(state.step)
+  return model, semi.inference_variables(state), source
 
 
 def padded_batch(count, batch_size):
@@ -227,8 +232,9 @@ def predict_files(config, workdir, images, output):
   except OSError as e:
     raise SegjaxError(f'cannot create --output {output} ({e.strerror}); pass a writable '
                       'directory') from e
-  model, variables, step = restore_variables(config, workdir)
-  source = f'the checkpoint at step {step} in {workdir}' if step else config.init_from
+  model, variables, source = restore_variables(config, workdir)
+  source = (f'the checkpoint at step {source["step"]} in {workdir}' if source['step']
+            else config.init_from)
   print(f'Predicting {len(paths)} files with {source} ...',
         flush=True)
   predict = evaluate_lib.make_predict(model, config.evaluation, num_classes=spec.num_classes,

@@ -14,15 +14,13 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax import checkpoint
+import test_predict
 from segjax import data
 from segjax import export
 from segjax import models
-from segjax import train
 from segjax.errors import SegjaxError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,18 +160,11 @@ def tiny_unet():
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   """(config, workdir, best, latest): a workdir whose best checkpoint (step 3) and latest
-  one (step 5) hold different weights (as tests/test_predict.py's)."""
+  one (step 5) hold different weights."""
   config = tiny_unet()
   model = models.get_model(config.model, data.get_spec(config.dataset).num_classes)
   workdir = str(tmp_path_factory.mktemp('export_run'))
-  init = jax.jit(lambda rng: train.create_train_state(rng, model, config, (1, SIZE, SIZE, 3)))
-  best = init(jax.random.key(1)).replace(step=jnp.asarray(3))
-  latest = init(jax.random.key(2)).replace(step=jnp.asarray(5))
-  saver = checkpoint.Checkpoints(workdir, config.max_to_keep)
-  saver.save_if_best(best, 0.5)
-  saver.save(latest)
-  saver.wait()
-  saver.close()
+  best, _ = test_predict.save_best_and_latest(config, model, workdir, SIZE)
   return config, workdir, model, best
 
 

@@ -33,14 +33,10 @@ GOOD_IMAGES = {'a_square': ('RGB', 32, 32), 'b_odd': ('RGB', 20, 28),
 PADDED = {'a_square': (32, 32), 'b_odd': (32, 32), 'c_gray': (32, 64), 'd_wide': (32, 64)}
 
 
-@pytest.fixture(scope='module')
-def run(data_dir, tmp_path_factory):
-  """A workdir whose best checkpoint (step 3) and latest one (step 5) hold different
-  weights; the config and model that made them; a jitted model.apply."""
-  config = tiny_config(data_dir)
-  model = models.get_model(config.model, data.get_spec(config.dataset).num_classes)
-  workdir = str(tmp_path_factory.mktemp('predict_run'))
-  init = jax.jit(lambda rng: train.create_train_state(rng, model, config, (1, 32, 32, 3)))
+def save_best_and_latest(config, model, workdir, size):
+  """Saves two train states of `model` with different weights in `workdir`: the best
+  checkpoint (step 3) and the latest (step 5), for inputs `size` x `size`. -> (best, latest)."""
+  init = jax.jit(lambda rng: train.create_train_state(rng, model, config, (1, size, size, 3)))
   best = init(jax.random.key(1)).replace(step=jnp.asarray(3))
   latest = init(jax.random.key(2)).replace(step=jnp.asarray(5))
   saver = checkpoint.Checkpoints(workdir, config.max_to_keep)
@@ -48,6 +44,17 @@ def run(data_dir, tmp_path_factory):
   saver.save(latest)
   saver.wait()
   saver.close()
+  return best, latest
+
+
+@pytest.fixture(scope='module')
+def run(data_dir, tmp_path_factory):
+  """A workdir whose best checkpoint (step 3) and latest one (step 5) hold different
+  weights; the config and model that made them; a jitted model.apply."""
+  config = tiny_config(data_dir)
+  model = models.get_model(config.model, data.get_spec(config.dataset).num_classes)
+  workdir = str(tmp_path_factory.mktemp('predict_run'))
+  best, latest = save_best_and_latest(config, model, workdir, 32)
   apply = jax.jit(functools.partial(model.apply, train=False))
   return config, apply, workdir, best, latest
 

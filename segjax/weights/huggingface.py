@@ -49,7 +49,6 @@ microsoft/swin-*-patch4-window7-224, under 'swin.') into UPerNet's or U-Net's ba
 have no `hidden_states_norms` (the stage norms keep their initialisation); their pooled
 `layernorm` and `classifier` are not used.
 """
-from segjax.models.backbones import swin
 from segjax.weights import layout
 from segjax.weights import mmseg
 
@@ -176,7 +175,7 @@ def upernet(model):
   if family == 'convnext':
     return mmseg.upernet_table(description, model, _convnext_key,
                                'embeddings.patch_embeddings.weight', head)
-  depths = tuple(model.depths) or swin.SIZES[size][1]
+  depths = layout.hierarchical_encoder(model)[2]
   # The hub's files (written before transformers made the index buffers non-persistent)
   # hold them; transformers 5 writes the unused final norm of its SwinModel.
   unused = ('backbone.swin.layernorm.',) + mmseg.swin_buffers(
@@ -193,7 +192,7 @@ def tables(model):
   encoder = layout.hierarchical_encoder(model)
   if not encoder:
     return [], []
-  family, size, depths = encoder
+  family, _, depths = encoder
   backbones = {'mit': lambda: [mit()], 'convnext': convnext_backbones,
-               'swin': lambda: swin_backbones(depths or swin.SIZES[size][1])}[family]()
+               'swin': lambda: swin_backbones(depths)}[family]()
   return ([upernet(model)] if kind == 'upernet' else []), backbones

@@ -26,6 +26,8 @@ from typing import Callable
 import flax.traverse_util
 import numpy as np
 
+from segjax.models import backbones
+
 LEAF_NAMES = {
     ('params', 'kernel'): 'weight',
     ('params', 'scale'): 'weight',
@@ -130,17 +132,18 @@ def on_backbone(description, backbone_key, head_names, unused=(), input_key=''):
 
 
 def hierarchical_encoder(model):
-  """(family, size, blocks per stage or ()) of the MiT, ConvNeXt or Swin backbone of a U-Net
-  or DeepLab, or of a UPerNet at its published widths (the ones published weights fit), else
+  """(family, size, blocks per stage) of the MiT, ConvNeXt or Swin backbone of a U-Net or
+  DeepLab, or of a UPerNet at its published widths (the ones published weights fit), else
   None."""
   kind = type(model).__module__.rsplit('.', 1)[-1]
   if kind in ('unet', 'deeplab') and model.encoder:
-    family, size = model.encoder.split('_')
-    return family, size, ()
-  if kind == 'upernet' and not model.width:
-    family, size = model.backbone.split('_')
-    return family, size, tuple(model.depths)
-  return None
+    encoder, depths = model.encoder, ()
+  elif kind == 'upernet' and not model.width:
+    encoder, depths = model.backbone, model.depths
+  else:
+    return None
+  family, size = encoder.split('_')
+  return family, size, backbones.blocks_per_stage(encoder, depths)
 
 
 def adapt_input_channels(kernel, channels):

@@ -85,7 +85,6 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.models.backbones import swin
 from segjax.models.backbones import vit
 from segjax.weights import layout
 from segjax.weights import torchvision
@@ -378,7 +377,7 @@ def upernet(model):
   if family == 'convnext':
     return upernet_table(f'mmseg UPerNet ConvNeXt-{size}', model, layout.module_keys(
         _convnext_module), 'downsample_layers.0.0.weight', head)
-  depths = tuple(model.depths) or swin.SIZES[size][1]
+  depths = layout.hierarchical_encoder(model)[2]
   buffers = swin_buffers(
       depths, 'backbone.stages.{i}.blocks.{j}.attn.w_msa.relative_position_index')
   table = upernet_table(f'mmseg UPerNet Swin-{size}', model, SWIN_KEY,
@@ -404,7 +403,7 @@ def tables(model):
   encoder = layout.hierarchical_encoder(model)
   if not encoder:
     return [], []
-  family, size, depths = encoder
+  family, _, depths = encoder
   backbone = {'mit': mit_table, 'convnext': convnext_backbone,
-              'swin': lambda: swin_backbone(depths or swin.SIZES[size][1])}[family]()
+              'swin': lambda: swin_backbone(depths)}[family]()
   return ([upernet(model)] if kind == 'upernet' else []), [backbone]

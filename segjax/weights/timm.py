@@ -44,7 +44,6 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from segjax.models.backbones import swin
 from segjax.models.backbones import vit
 from segjax.weights import layout
 from segjax.weights import mmseg
@@ -121,7 +120,7 @@ def tables(model):
   if encoder and encoder[0] == 'convnext':
     return [], [convnext_table()]
   if encoder and encoder[0] == 'swin':
-    return [], [swin_table(encoder[2] or swin.SIZES[encoder[1]][1])]
+    return [], [swin_table(encoder[2])]
   if type(model).__module__.rsplit('.', 1)[-1] != 'segmenter':
     return [], []
   published = (model.depth in (0, vit.SIZES[model.size][1]) and model.stem == 'patch'

@@ -14,6 +14,15 @@ HIERARCHICAL = (tuple(f'mit_{size}' for size in mit.SIZES)
                 + tuple(f'swin_{size}' for size in swin.SIZES))
 
 
+_MODULES = {'mit': mit, 'convnext': convnext, 'swin': swin}
+
+
+def blocks_per_stage(encoder, depths=()):
+  """`depths` if given, else the published blocks per stage of `encoder` (HIERARCHICAL)."""
+  family, size = encoder.split('_')
+  return tuple(depths) or _MODULES[family].SIZES[size][1]
+
+
 def hierarchical(encoder, *, drop_path_rate=0.0, dtype=jnp.float32, **fields):
   """The backbone module (flax name 'backbone') `encoder` in HIERARCHICAL names, e.g.
   'convnext_tiny': images [B, H, W, C] -> 4 maps [B, H/s, W/s, C_i], s = 4, 8, 16, 32.
