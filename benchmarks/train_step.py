@@ -3,6 +3,8 @@
   python benchmarks/train_step.py --config experiments/unet.py [--config.batch_size=32]
   python benchmarks/train_step.py --suite [--batch_size 8 --size 128 --steps 5]
   python benchmarks/train_step.py --config experiments/deeplab.py --profile 20
+  python benchmarks/train_step.py --suite --match 'SegFormer|UPerNet' \
+      --other_jax /work/venv312/bin/python
 
 With --config: one experiment config at its own batch size and crop. With --suite: every
 model family and size in SUITE at one stated batch and square resolution, as a Markdown
@@ -13,7 +15,10 @@ table. Data are random (the input pipeline is not measured here). Figures:
   steps after one warm-up; images/s = batch / median step;
 - peak MB: XLA's buffer assignment for the step (`step_memory_mb`): its peak estimate where
   the backend gives one, else arguments + unaliased outputs + temporaries (CPU).
-Set XLA_FLAGS before running to compare compiler options. The script re-executes itself
+--other_jax PYTHON also times each step under that interpreter's segjax and JAX (e.g. a
+Python 3.12 venv with JAX 0.12; `benchmarks/other_jax.py`), alternating step by step with
+this process's, one row per JAX version. Set XLA_FLAGS before running to compare compiler
+options. The script re-executes itself
 under tcmalloc where installed, as launch.py does (`segjax.host`; SEGJAX_TCMALLOC=0 keeps
 the system malloc); the header names the allocator.
 
@@ -28,6 +33,7 @@ step's wall time is printed next to their sum: work a thunk hands to a thread po
 own convolutions) runs outside its event, so the sum can fall well short of the step.
 """
 import collections
+import contextlib
 import functools
 import glob
 import gzip
@@ -58,13 +64,19 @@ from segjax import parallel
 from segjax import sweep
 from segjax import train
 from segjax.data import transforms
+import other_jax
 # pylint: enable=wrong-import-position
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=False)
 flags.DEFINE_bool('suite', False, 'Benchmark every entry of SUITE instead of --config.')
+flags.DEFINE_string('match', '', '--suite: only the entries whose label this regular '
+                    "expression finds (e.g. 'SegFormer|UPerNet').")
 flags.DEFINE_integer('batch_size', 8, '--suite: global batch size.')
 flags.DEFINE_integer('size', 128, '--suite: square input side, pixels.')
 flags.DEFINE_integer('steps', 10, 'Timed steps after the warm-up one.')
+flags.DEFINE_string('other_jax', '', 'Python interpreter of another environment with segjax '
+                    'and another JAX (e.g. a Python 3.12 venv: JAX 0.12): time each step '
+                    'under both JAX versions, alternating (benchmarks/other_jax.py).')
 flags.DEFINE_integer('profile', 0, '--config: also profile the step and print this many '
                      'slowest ops (0: no profile).')
 FLAGS = flags.FLAGS
@@ -101,6 +113,14 @@ SUITE = (
      f'experiments/segmenter.py:{_PUBLISHED_VIT},size=small,decoder=mask', {}),
     ('Segmenter ViT-B/16 mask',
      f'experiments/segmenter.py:{_PUBLISHED_VIT},size=base,decoder=mask', {}),
+    ('SegFormer-B0 (CPU default)', 'experiments/segformer.py', {}),
+    ('SegFormer-B0', 'experiments/segformer.py:hf_segformer_b0_ade', {}),
+    ('UPerNet reduced ConvNeXt (CPU default)', 'experiments/upernet.py', {}),
+    ('UPerNet ConvNeXt-T', 'experiments/upernet.py:mmseg_upernet_convnext_tiny_ade', {}),
+    ('UPerNet Swin-T', 'experiments/upernet.py:mmseg_upernet_swin_tiny_ade', {}),
+    ('LR-ASPP MobileNetV3-Small (CPU default)', 'experiments/lraspp.py', {}),
+    ('LR-ASPP MobileNetV3-Large',
+     'experiments/lraspp.py:torchvision_lraspp_mobilenet_v3_large', {}),
 )
 
 
@@ -185,14 +205,52 @@ def warm_step(config):
   return compiled, state, batch, key, figures
 
 
-def measure(config, steps):
-  """{'params', 'gflops', 'compile_s', 'median_s', 'min_s', 'peak_mb'} of `config`'s step."""
-  compiled, state, batch, key, figures = warm_step(config)
-  times = []
-  for _ in range(steps):
-    state, _, seconds = run_step(compiled, state, batch, key)
-    times.append(seconds)
-  return {**figures, 'median_s': float(np.median(times)), 'min_s': min(times)}
+def jax_variant(config, batch, compiler_options=None):
+  """`compile_step` as a step function: (step: () -> (loss, seconds), its figures)."""
+  compiled, state, device_batch, key, figures = compile_step(config, batch, compiler_options)
+
+  def step():
+    nonlocal state
+    state, metrics, seconds = run_step(compiled, state, device_batch, key)
+    return float(metrics['loss']), seconds
+
+  return step, figures
+
+
+def alternate(steps, repetitions):
+  """Runs each of `steps` ({name: () -> (loss, seconds)}) `repetitions` times, one of each
+  per repetition in an order rotated every repetition, so the machine's noise falls on all
+  of them -> {name: (seconds list, losses)}."""
+  names = list(steps)
+  results = {name: ([], []) for name in names}
+  for rep in range(repetitions):
+    shift = rep % len(names)
+    for name in names[shift:] + names[:shift]:
+      loss, seconds = steps[name]()
+      results[name][0].append(seconds)
+      results[name][1].append(loss)
+  return results
+
+
+def measure(config, steps, other_python=''):
+  """`config`'s step under this process's JAX and, with `other_python`, under that
+  interpreter's JAX (`other_jax.Worker`), one warm-up step each, then `steps` timed steps
+  alternating -> {jax version: {'params', 'gflops', 'compile_s', 'peak_mb', 'median_s',
+  'min_s'}}."""
+  spec = data_lib.get_spec(config.dataset)
+  step, figures = jax_variant(config, random_batch(config, spec.num_classes))
+  step()
+  variants = {jax.__version__: (step, figures)}
+  with contextlib.ExitStack() as stack:
+    if other_python:
+      worker = stack.enter_context(other_jax.Worker(other_python, config))
+      version = worker.figures['jax']
+      variants[version if version not in variants else f'{version} ({other_python})'] = (
+          worker.step, worker.figures)
+    results = alternate({version: step for version, (step, _) in variants.items()}, steps)
+  return {version: {**figures, 'median_s': float(np.median(results[version][0])),
+                    'min_s': min(results[version][0])}
+          for version, (_, figures) in variants.items()}
 
 
 def _instructions(hlo_text):
@@ -248,9 +306,10 @@ def print_profile(ops, step_ms, top):
     print(f'| {ms:.1f} | {name} | {shape} | {op_name} |')
 
 
-def row(label, config, figures):
+def row(label, version, config, figures):
   height, width = transforms.height_width(config.dataset.image_size)
-  return (f"| {label} | {config.batch_size} x {height}x{width} | {figures['params'] / 1e6:.2f} M "
+  return (f"| {label} | {version} | {config.batch_size} x {height}x{width} "
+          f"| {figures['params'] / 1e6:.2f} M "
           f"| {figures['gflops']:.1f} | {figures['compile_s']:.1f} s "
           f"| {figures['median_s'] * 1e3:.0f} ms ({figures['min_s'] * 1e3:.0f}) "
           f"| {config.batch_size / figures['median_s']:.1f} | {figures['peak_mb']:.0f} |")
@@ -261,6 +320,8 @@ def main(argv):
   if FLAGS.suite:
     entries = []
     for label, path_and_arg, overrides in SUITE:
+      if not re.search(FLAGS.match, label):
+        continue
       config = load_config(path_and_arg)
       config.model.update(overrides)
       config.batch_size, config.dataset.image_size = FLAGS.batch_size, FLAGS.size
@@ -272,11 +333,12 @@ def main(argv):
   device = jax.devices()[0]
   print(f'{jax.device_count()} x {device.platform} ({device.device_kind}), jax {jax.__version__}, '
         f'{FLAGS.steps} timed steps, {host.malloc_in_use()} malloc')
-  print('| model | batch x input | params | GFLOP/step | compile | step median (min) '
+  print('| model | jax | batch x input | params | GFLOP/step | compile | step median (min) '
         '| images/s | peak MB |')
-  print('|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|')
   for label, config in entries:
-    print(row(label, config, measure(config, FLAGS.steps)), flush=True)
+    for version, figures in measure(config, FLAGS.steps, FLAGS.other_jax).items():
+      print(row(label, version, config, figures), flush=True)
   if FLAGS.profile and not FLAGS.suite:
     print_profile(*profile(FLAGS.config, FLAGS.steps), FLAGS.profile)
 

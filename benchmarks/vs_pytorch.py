@@ -3,6 +3,7 @@
   python benchmarks/vs_pytorch.py [--models unet,deeplabv3_r50,vit_ti_segmenter]
       [--batch 8 --size 128] [--steps 10 --warmup 2] [--xla_options KEY=VALUE,...]
       [--device cpu|gpu] [--half_precision] [--torch_compile] [--no-channels_last]
+      [--other_jax /work/venv312/bin/python]
 
 A model may take its own shape: `--models unet,deeplabv3_r50:4x256` (batch x side).
 
@@ -33,8 +34,12 @@ of them. Figures per variant:
   `torch.cuda.max_memory_allocated` over one step;
 - loss: the first and last training loss (the batch is fixed, so it must fall).
 `--xla_options` adds a JAX variant compiled with those XLA options on top of segjax's own
-(`parallel.compiler_options`, which the other JAX variant and the trainer use), e.g.
+(`parallel.compiler_options`, which the plain JAX variant and the trainer use), e.g.
 `xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT` (a value may hold commas).
+`--other_jax PYTHON` adds the same JAX step under another environment's JAX (JAX 0.11+
+needs Python 3.12, this PyTorch build 3.11): a worker process under that interpreter
+(`benchmarks/other_jax.py`) takes its turn in the same rotation, so the JAX/PyTorch ratio
+of both JAX versions comes from one run (CPU only).
 To time JAX with jaxlib's own defaults instead, name the option in XLA_FLAGS (segjax then
 leaves it alone), e.g. XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution.
 Memory allocator: the script re-executes itself under tcmalloc where installed, as launch.py
@@ -50,6 +55,7 @@ JAX's GPU backend and CUDA, --half_precision: segjax's bfloat16 compute and
 torch.autocast bfloat16) has not been run.
 """
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -70,6 +76,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import other_jax
 import torch_models
 import train_step
 
@@ -99,6 +106,10 @@ def parse_args(argv=None):
   parser.add_argument('--learning_rate', type=float, default=1e-3, help='Adam, both sides')
   parser.add_argument('--xla_options', default='',
                       help='KEY=VALUE,... : add a JAX variant compiled with these XLA options')
+  parser.add_argument('--other_jax', default='',
+                      help='Python interpreter of another environment with segjax and another '
+                      'JAX (e.g. a Python 3.12 venv: JAX 0.12): adds its JAX as a variant '
+                      '(benchmarks/other_jax.py); CPU only')
   parser.add_argument('--device', default='cpu', choices=('cpu', 'gpu', 'cuda'))
   parser.add_argument('--half_precision', action='store_true',
                       help='bfloat16 compute: segjax half_precision, torch.autocast')
@@ -199,19 +210,6 @@ def pipeline_images_per_second(size, batch, num_batches, data_dir):
 
 # ---------------------------------------------------------------------------- the two sides
 
-def jax_variant(config, batch, compiler_options=None):
-  """(step: () -> (loss, seconds), {'params', 'gflops', 'compile_s', 'peak_mb'})."""
-  compiled, state, device_batch, key, figures = train_step.compile_step(
-      config, batch, compiler_options)
-
-  def step():
-    nonlocal state
-    state, metrics, seconds = train_step.run_step(compiled, state, device_batch, key)
-    return float(metrics['loss']), seconds
-
-  return step, figures
-
-
 def torch_train_step(module, optimizer, images, labels, *, ignore_label, autocast):
   """One PyTorch step (forward, cross-entropy, backward, update) -> the loss tensor."""
   optimizer.zero_grad(set_to_none=True)
@@ -289,20 +287,6 @@ def check_same_parameters(flax_params, module, label):
 
 # ---------------------------------------------------------------------------- timing, report
 
-def alternate(steps, repetitions):
-  """Runs each of `steps` ({name: () -> (loss, seconds)}) `repetitions` times, one of each
-  per repetition in an order rotated every repetition -> {name: (seconds list, losses)}."""
-  names = list(steps)
-  results = {name: ([], []) for name in names}
-  for rep in range(repetitions):
-    shift = rep % len(names)
-    for name in names[shift:] + names[:shift]:
-      loss, seconds = steps[name]()
-      results[name][0].append(seconds)
-      results[name][1].append(loss)
-  return results
-
-
 def table_row(label, variant, batch, size, figures, times, gflops, peak, losses):
   q1, median, q3 = np.percentile(times, [25, 50, 75])
   rate = gflops / median
@@ -312,10 +296,11 @@ def table_row(label, variant, batch, size, figures, times, gflops, peak, losses)
           f'| {figures["peak_mb"]:.0f} | {losses[0]:.3f} -> {losses[-1]:.3f} |')
 
 
-def benchmark_model(name, batch_size, size, args, device, peak):
+def benchmark_model(name, batch_size, size, args, device, peak, workers):
   """Builds, checks, warms up and times every variant of model `name`; prints its rows.
 
-  Returns {variant: images/s}.
+  workers: a contextlib.ExitStack that closes the `--other_jax` worker. Returns {variant:
+  images/s}.
   """
   config = benchmark_config(name, batch_size, size, args)
   spec = data_lib.get_spec(config.dataset)
@@ -324,10 +309,17 @@ def benchmark_model(name, batch_size, size, args, device, peak):
   label = MODELS[name]
 
   steps, figures, first_losses = {}, {}, {}
-  steps['jax'], figures['jax'] = jax_variant(config, batch)
+  jax_name = f'jax {jax.__version__}'
+  steps[jax_name], figures[jax_name] = train_step.jax_variant(config, batch)
+  if args.other_jax:
+    worker = workers.enter_context(other_jax.Worker(args.other_jax, config))
+    variant = f"jax {worker.figures['jax']}"
+    steps[variant], figures[variant] = worker.step, worker.figures
+    first_losses[variant] = worker.figures['first_loss']
   if args.xla_options:
-    variant = f'jax [{args.xla_options}]'
-    steps[variant], figures[variant] = jax_variant(config, batch, xla_options(args.xla_options))
+    variant = f'{jax_name} [{args.xla_options}]'
+    steps[variant], figures[variant] = train_step.jax_variant(config, batch,
+                                                            xla_options(args.xla_options))
   variant = 'torch' + (' compile' if args.torch_compile else '') + (
       ' channels_last' if args.channels_last else '')
   steps[variant], figures[variant], module = torch_variant(flax_model, batch, config, args,
@@ -341,8 +333,8 @@ def benchmark_model(name, batch_size, size, args, device, peak):
     for _ in range(args.warmup):
       loss, _ = step()
       first_losses.setdefault(variant, loss)
-  results = alternate(steps, args.steps)
-  gflops = figures['jax']['gflops']
+  results = train_step.alternate(steps, args.steps)
+  gflops = figures[jax_name]['gflops']
   rates = {}
   for variant, (times, losses) in results.items():
     print(table_row(label, variant, batch_size, size, figures[variant], times, gflops, peak,
@@ -357,6 +349,9 @@ def main(argv=None):
   if device == 'cuda' and (jax.default_backend() != 'gpu' or not torch.cuda.is_available()):
     raise SystemExit(f'error: --device gpu needs JAX on GPU (got {jax.default_backend()}) '
                      f'and CUDA PyTorch (available: {torch.cuda.is_available()})')
+  if device == 'cuda' and args.other_jax:
+    raise SystemExit('error: --other_jax times CPU steps; on a GPU both JAX processes would '
+                     'preallocate its memory')
   if device == 'cpu':
     torch.set_num_threads(os.cpu_count())
   shapes = model_shapes(args.models, args.batch, args.size)
@@ -388,11 +383,11 @@ def main(argv=None):
   print('|---|---|---|---|---|---|---|---|---|---|---|')
   summary = []
   for name, batch_size, size in shapes:
-    rates = benchmark_model(name, batch_size, size, args, device, peak)
+    with contextlib.ExitStack() as workers:
+      rates = benchmark_model(name, batch_size, size, args, device, peak, workers)
     torch_rate = [r for v, r in rates.items() if v.startswith('torch')][0]
-    best = max((r, v) for v, r in rates.items() if v.startswith('jax'))
-    summary.append(f'{MODELS[name]}: best JAX ({best[1]}) / PyTorch images/s = '
-                   f'{best[0] / torch_rate:.2f}')
+    summary.append(f'{MODELS[name]}: JAX / PyTorch images/s = ' + ', '.join(
+        f'{r / torch_rate:.2f} ({v})' for v, r in rates.items() if v.startswith('jax')))
   print('\n' + '\n'.join(summary))
 
 

@@ -35,15 +35,39 @@ def test_every_suite_entry_builds_a_model(bench, monkeypatch):
 def test_measure_reports_the_model_and_positive_costs(bench):
   config = tiny_config('/unused')
   config.batch_size = 2
-  figures = bench.measure(config, steps=2)
+  figures, = bench.measure(config, steps=2).values()
   model = models.get_model(config.model, num_classes=6)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                              train=False))
   assert figures['params'] == sum(math.prod(x.shape) for x in jax.tree.leaves(shapes['params']))
   assert figures['gflops'] > 0 and figures['compile_s'] > 0
   assert 0 < figures['min_s'] <= figures['median_s']
-  row = bench.row('tiny', config, figures)
-  assert row.startswith('| tiny | 2 x 32x32 |') and row.count('|') == 9
+  row = bench.row('tiny', jax.__version__, config, figures)
+  assert row.startswith(f'| tiny | {jax.__version__} | 2 x 32x32 |') and row.count('|') == 10
+
+
+def test_other_jax_worker_takes_the_same_step(bench):
+  # This interpreter stands in for another environment's: same model, batch and figures.
+  config = tiny_config('/unused')
+  config.batch_size = 2
+  batch = bench.random_batch(config, num_classes=6)
+  step, figures = bench.jax_variant(config, batch)
+  with bench.other_jax.Worker(sys.executable, config) as worker:
+    assert worker.figures['jax'] == jax.__version__
+    assert worker.figures['params'] == figures['params'] > 0
+    assert worker.figures['gflops'] == pytest.approx(figures['gflops'])
+    assert worker.figures['first_loss'] == pytest.approx(step()[0], rel=1e-5)  # warm-up
+    results = bench.alternate({'here': step, 'worker': worker.step}, repetitions=2)
+  (_, local_losses), (worker_s, worker_losses) = results.values()
+  assert len(worker_s) == 2 and min(worker_s) > 0
+  assert worker_losses == pytest.approx(local_losses, rel=1e-5)
+
+
+def test_other_jax_worker_failure_is_reported(bench):
+  config = tiny_config('/unused')
+  config.model.name = 'no_such_model'
+  with pytest.raises(RuntimeError, match='JAX worker .* ended without an answer'):
+    bench.other_jax.Worker(sys.executable, config)
 
 
 def test_profile_attributes_the_step_to_the_models_operations(bench, capsys):
@@ -101,10 +125,10 @@ def test_torch_twin_maps_images_to_logits_and_learns(vs_pytorch):
   assert losses[-1] < losses[0]
 
 
-def test_alternate_rotates_the_order_of_the_variants(vs_pytorch):
+def test_alternate_rotates_the_order_of_the_variants(bench):
   order = []
   steps = {name: (lambda name=name: (order.append(name) or 0.0, 1.0)) for name in 'abc'}
-  results = vs_pytorch.alternate(steps, repetitions=3)
+  results = bench.alternate(steps, repetitions=3)
   assert order == list('abcbcacab')
   assert all(times == [1.0] * 3 for times, _ in results.values())
 
