@@ -1,8 +1,11 @@
-"""Every config in experiments/ builds, validates, and runs one train step at a tiny size."""
+"""Every config in experiments/ builds, validates, traces its train step and (slow) runs one
+step at a tiny size."""
 import glob
 import importlib.util
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,14 +54,34 @@ def test_every_experiment_is_found():
   assert {'unet.py', 'cnn.py'} <= names
 
 
-@pytest.mark.parametrize('path', EXPERIMENTS, ids=lambda p: os.path.relpath(p, ROOT))
-def test_experiment_trains_one_step(path, data_dir, tmp_path):
+def default_on_tiny_data(path, data_dir):
+  """The experiment's default config (validated), its model and crop unchanged, on a tiny
+  embedded dataset with batches of 2."""
   config = load_get_config(path)()
   configs.validate(config)
   assert config.model.name and config.dataset.name and config.total_steps > 0
   config.dataset.update(data_dir=str(data_dir), num_train=24, num_validation=10,
                         num_threads=0)
   config.batch_size = config.eval_batch_size = 2
+  return config
+
+
+@pytest.mark.parametrize('path', EXPERIMENTS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_experiment_builds_and_traces_its_train_step(path, data_dir, tmp_path):
+  # The whole experiment (data, model, initial state, optimiser) and the train step's trace,
+  # without the step's XLA compilation (10-50 s each; the slow test below runs the step).
+  experiment = train.Experiment(default_on_tiny_data(path, data_dir), str(tmp_path))
+  batch = parallel.to_global(next(experiment.train_batches(0)), experiment.mesh)
+  state, metrics = jax.eval_shape(experiment.train_step, experiment.initial_state, batch,
+                                  experiment.train_rng)
+  assert metrics['loss'].shape == () and metrics['loss'].dtype == jnp.float32
+  assert jax.tree.structure(state.params) == jax.tree.structure(experiment.initial_state.params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path', EXPERIMENTS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_experiment_trains_one_step(path, data_dir, tmp_path):
+  config = default_on_tiny_data(path, data_dir)
   assert float(train_one_step(config, str(tmp_path))['loss']) > 0
 
 
