@@ -14,14 +14,13 @@ Default (`dataset=shapes`), sized for a 2-core CPU: LR-ASPP on MobileNetV3-Small
 published architecture, dilated, 128 inter channels; the paper's model for low resources,
 a step of Large costs about 3.5 times as much), trained from scratch with Adam 3e-3 and
 cosine decay on 96x96 shapes (at 64x64 the stride-8 scores cap what the thin classes can
-reach; see experiments/fcn.py), 4000 steps of 16 images. It reached 76.3 validation mIoU
-(background 96.8, disc 82.4, ring 62.7, square 75.4, triangle 72.9, cross 67.4; 69.9 at
-step 2000, 74.7 at 3000; 3000 steps in all gave 71.5; one seed). The whole command took
-15 min 31 s on a 2-core CPU shared with two other trainings and test runs (677 s of CPU
-time, 225-290 ms a step); benchmarks/train_step.py measured the step at 131 ms beside one
-other training, which puts the run near 10 minutes there and under it on an idle machine
-(not measured). Building the 96x96 dataset the first time takes another 2-4 minutes
-(experiments/fcn.py's, shared).
+reach; see experiments/fcn.py), 4000 steps of 16 images. On an idle 2-core CPU (JAX
+0.10.2, tcmalloc) the whole command took 8 min 46 s, building the 96x96 dataset
+(experiments/fcn.py's, shared) included: about 2 min; the 4000 steps 6 min 24 s. It reached 75.7
+validation mIoU (background 96.8, disc 83.1, ring 61.0, square 74.4, triangle 71.7, cross
+67.4; 50.2 at step 1000, 69.3 at 2000, 74.3 at 3000; 8-12 steps/s). An earlier run of the
+same config gave 76.3 (one seed each: float summation order moves the last digit); 3000
+steps in all gave 71.5.
 
 Recipes (`RECIPES`): images normalised with ImageNet's mean and std, ImageNet-initialised
 through --config.init_from (torchvision's mobilenet_v3_large-8738ca79.pth or
