@@ -49,7 +49,7 @@ SUITE = (
      'experiments/segmenter.py:mmseg_segmenter_vit_t_mask_ade20k'),
     ('Segmenter ViT-B/16 mask (mmseg)',
      'experiments/segmenter.py:mmseg_segmenter_vit_b_mask_ade20k'),
-    ('SegFormer-B0 (CPU default)', 'experiments/segformer.py'),
+    ('SegFormer-B0, 64-channel decoder (CPU default)', 'experiments/segformer.py'),
     ('SegFormer-B0', 'experiments/segformer.py:hf_segformer_b0_ade'),
     ('SegFormer-B2', 'experiments/segformer.py:hf_segformer_b2_ade'),
     ('SegFormer-B5', 'experiments/segformer.py:hf_segformer_b5_ade'),

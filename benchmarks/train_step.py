@@ -113,7 +113,7 @@ SUITE = (
      f'experiments/segmenter.py:{_PUBLISHED_VIT},size=small,decoder=mask', {}),
     ('Segmenter ViT-B/16 mask',
      f'experiments/segmenter.py:{_PUBLISHED_VIT},size=base,decoder=mask', {}),
-    ('SegFormer-B0 (CPU default)', 'experiments/segformer.py', {}),
+    ('SegFormer-B0, 64-channel decoder (CPU default)', 'experiments/segformer.py', {}),
     ('SegFormer-B0', 'experiments/segformer.py:hf_segformer_b0_ade', {}),
     ('UPerNet reduced ConvNeXt (CPU default)', 'experiments/upernet.py', {}),
     ('UPerNet ConvNeXt-T', 'experiments/upernet.py:mmseg_upernet_convnext_tiny_ade', {}),

@@ -8,26 +8,24 @@
 
 Variants (after the colon): a name from RECIPES, or key=value pairs over the keys of
 DEFAULTS: the model (size b0-b5, style = 'hf' or 'mmseg' (segjax/models/segformer.py),
-channels, drop_path_rate, dropout), the data (dataset, image_size = training crop side,
-min_scale, max_scale, base_size, cat_max_ratio, photometric), the evaluation (eval_mode,
-eval_window, eval_stride, eval_resize, eval_scale, eval_pad) and the optimisation
-(optimizer, schedule, poly_power, learning_rate, end_learning_rate, weight_decay,
-warmup_steps, batch_size, eval_batch_size, total_steps, param_groups = 'none' or the
-published 'segformer' groups).
+channels = the decoder's width (0: the published one), drop_path_rate, dropout), the data
+(dataset, image_size = training crop side, min_scale, max_scale, base_size, cat_max_ratio,
+photometric), the evaluation (eval_mode, eval_window, eval_stride, eval_resize, eval_scale,
+eval_pad) and the optimisation (optimizer, schedule, poly_power, learning_rate,
+end_learning_rate, weight_decay, warmup_steps, batch_size, eval_batch_size, total_steps,
+param_groups = 'none' or the published 'segformer' groups).
 
-The default trains SegFormer-B0 (3.7 M parameters) from scratch on 64 x 64 shapes: AdamW
-2e-3 (weight decay 0.01 on kernels) with cosine decay after 200 warmup steps, batch 16, 4000
-steps, no drop path or dropout. Measured with these settings on the 2-core CPU shared with
-other jobs (load 4-10): 80.1% validation mIoU at step 3000 (background 98.2, disc 83.5, ring
-71.9, square 76.9, triangle 76.5, cross 73.4; 56.9 at step 1000, 75.0 at 2000) and 81.4%
-at step 4000 (background 98.4, disc 84.5, ring 73.6, square 77.9, triangle 77.7, cross 76.4),
-in 43 min of wall time with XLA's grouped depthwise convolution. The
-step (16 x 64^2) took 354 ms there with the tap-by-tap depthwise convolution
-(`layers.DepthwiseConv`), 806 ms with XLA's grouped one. On the idle machine with it the
-whole command took 13 min 0 s (dataset built; training 12 min 58 s, 5.1 steps/s) and
-reached 80.8% (background 98.6, disc 83.8, ring 73.7, square 78.4, triangle 74.8, cross
-75.8; 54.8 / 73.6 / 78.7 at steps 1000 / 2000 / 3000): 3 minutes over the 10-minute target. Trials: the paper's drop path 0.1 and dropout 0.1 with AdamW 1e-3 at
-batch 8 reached 38.3% after 1500 steps; 3e-3 at batch 8, 17% after 1000.
+The default trains SegFormer-B0's encoder with a 64-channel decoder (3.4 M parameters; the
+published B0 decoder is 256 wide) from scratch on 64 x 64 shapes: AdamW 2e-3 (weight decay
+0.01 on kernels) with cosine decay after 200 warmup steps, batch 16, 4000 steps, no drop
+path or dropout. On the idle 2-core CPU (JAX 0.10.2, tcmalloc, dataset built) the whole
+command took 9 min 17 s (training 8 min 59 s, 7.4 steps/s) and reached 82.0% validation
+mIoU (background 98.3, disc 85.1, ring 72.6, square 79.1, triangle 80.2, cross 76.7; 49.7 /
+73.6 / 80.2 at steps 1000 / 2000 / 3000). The decoder's fusing 1x1 convolution over the
+four concatenated maps at stride 4 is the costliest op of the step (benchmarks/train_step.py
+--profile): a 256-wide decoder took 13 min 0 s for 80.8% (5.1 steps/s), a 128-wide one
+with 3000 steps 7 min 13 s for 78.3%. Trials: the paper's drop path 0.1 and dropout 0.1
+with AdamW 1e-3 at batch 8 reached 38.3% after 1500 steps; 3e-3 at batch 8, 17% after 1000.
 
 Published recipes (Xie et al., NeurIPS 2021, and mmsegmentation's segformer configs, which
 reproduce them): AdamW 6e-5, betas (0.9, 0.999), weight decay 0.01 on every parameter
@@ -81,7 +79,7 @@ mit_b{0..5}_20220624-*.pth ('mmseg').
 from segjax import configs
 
 DEFAULTS = dict(
-    size='b0', style='hf', channels=0, drop_path_rate=0.0, dropout=0.0,
+    size='b0', style='hf', channels=64, drop_path_rate=0.0, dropout=0.0,
     dataset='shapes', image_size=64, min_scale=0.75, max_scale=1.5, base_size='',
     cat_max_ratio=1.0, photometric=False, normalization='',
     eval_mode='whole', eval_window=0, eval_stride=0, eval_resize='', eval_scale='',
