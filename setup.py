@@ -42,7 +42,7 @@ setuptools.setup(
         # torchvision 0.28.0 is installed with --no-deps (README): its declared torch pin
         # would pull the CUDA build.
         # ONNX export is checked with onnxruntime (jax2onnx itself: --no-deps, README).
-        'test': ['pytest>=8,<10', 'hypothesis>=6.100,<7', 'onnx>=1.20.1,<2',
+        'test': ['pytest>=8,<10', 'pytest-xdist>=3.6,<4', 'hypothesis>=6.100,<7', 'onnx>=1.20.1,<2',
                  'onnx-ir>=0.2.1,<2', 'onnxruntime>=1.24.1,<2'] + [
             f'{requirement}; python_version < "3.12"' for requirement in (
                 'torch==2.13.0', 'mmcv-lite==2.1.0', 'mmengine>=0.10.4,<0.11',
