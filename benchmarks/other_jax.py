@@ -4,8 +4,8 @@ JAX 0.11+ needs Python 3.12, and PyTorch's small CPU build here exists for 3.11 
 newest JAX cannot share a process with the benchmarks' other variants. `Worker` starts this
 file under another interpreter (e.g. a Python 3.12 venv with segjax's dependencies: JAX
 0.12), which imports this checkout's segjax, compiles the step of the same config
-(`train_step.compile_step` on `train_step.random_batch`: the same random batch) and takes
-one step per request; `Worker.step` fits `train_step.alternate`, so the two JAX versions
+(`train_step.warm_step`: the same random batch, one warm-up step) and takes one step
+per request; `Worker.step` fits `train_step.alternate`, so the two JAX versions
 take turns in one timing loop.
 
 Protocol, one line each way per message: the parent writes the config (a Python literal of
@@ -67,14 +67,10 @@ def serve(lines, write):
   import ml_collections
   sys.path[:0] = [HERE, os.path.dirname(HERE)]  # this checkout's benchmarks and segjax
   import train_step
-  from segjax import data as data_lib
   # pylint: enable=g-import-not-at-top,import-outside-toplevel
   config = ml_collections.ConfigDict(ast.literal_eval(next(lines)))
-  spec = data_lib.get_spec(config.dataset)
-  compiled, state, batch, key, figures = train_step.compile_step(
-      config, train_step.random_batch(config, spec.num_classes))
-  state, metrics, _ = train_step.run_step(compiled, state, batch, key)  # warm-up
-  write({**figures, 'jax': jax.__version__, 'first_loss': float(metrics['loss'])})
+  compiled, state, batch, key, figures = train_step.warm_step(config)
+  write({**figures, 'jax': jax.__version__})
   for line in lines:
     if line.strip() != 'step':
       raise ValueError(f'unknown request {line!r}; expected "step"')

@@ -197,12 +197,13 @@ def run_step(compiled, state, batch, key):
 
 
 def warm_step(config):
-  """`compile_step` on a random batch of `config`, then one untimed step -> the same tuple."""
+  """`compile_step` on a random batch of `config`, then one untimed step -> the same tuple,
+  the figures with that step's 'first_loss'."""
   spec = data_lib.get_spec(config.dataset)
   compiled, state, batch, key, figures = compile_step(config,
                                                       random_batch(config, spec.num_classes))
-  state, _, _ = run_step(compiled, state, batch, key)
-  return compiled, state, batch, key, figures
+  state, metrics, _ = run_step(compiled, state, batch, key)
+  return compiled, state, batch, key, {**figures, 'first_loss': float(metrics['loss'])}
 
 
 def jax_variant(config, batch, compiler_options=None):
